@@ -1,0 +1,61 @@
+"""Turns pytest-benchmark JSON into the markdown tables committed under benchmarks/results/.
+
+    python benchmarks/make_table.py ops results/ops_cpu.json [--device cpu] > results/ops_cpu.md
+"""
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+
+def machine_lines(data: dict) -> list[str]:
+    mi = data.get("machine_info", {})
+    facts = mi.get("medcam_fast", {})
+    lines = [
+        f"- CPU: {facts.get('cpu_model', mi.get('cpu', {}).get('brand_raw', '?'))}, "
+        f"{facts.get('cpu_cores', '?')} cores, torch threads {facts.get('torch_threads', '?')}",
+        f"- torch {facts.get('torch', '?')}, Python {mi.get('python_version', '?')}",
+    ]
+    if facts.get("device"):
+        lines.append(f"- GPU: {facts['device']}")
+    lines.append(f"- run: {data.get('datetime', '?')}, commit {data.get('commit_info', {}).get('id', '?')[:10]}")
+    return lines
+
+
+def ops_table(data: dict, device: str | None) -> str:
+    rows = defaultdict(dict)
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        if device and e["device"] != device:
+            continue
+        rows[(e["op"], e["device"], e["n"], e["size"])][e["impl"]] = b["stats"]["median"] * 1e3
+    out = ["| op | device | N | H=W | fused ms | naive ms | naive compiled ms | fused vs naive | fused vs compiled |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for (op, dev, n, size), t in sorted(rows.items()):
+        f, nv, c = t.get("fused"), t.get("naive"), t.get("naive_compiled")
+        fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+        ratio = lambda a, b: f"{b / a:.2f}x" if a and b else "-"  # noqa: E731
+        out.append(f"| {op} | {dev} | {n} | {size} | {fmt(f)} | {fmt(nv)} | {fmt(c)} | {ratio(f, nv)} | {ratio(f, c)} |")
+    return "\n".join(out)
+
+
+TABLES = {"ops": ops_table}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("kind", choices=sorted(TABLES))
+    ap.add_argument("json")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--title", default=None)
+    args = ap.parse_args(argv)
+    data = json.load(open(args.json))
+    print(f"# {args.title or args.kind}\n")
+    print("Median time per call, forward + backward. Machine:\n")
+    print("\n".join(machine_lines(data)) + "\n")
+    print(TABLES[args.kind](data, args.device))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The build: the compiled ops are present where required, and a bad build falls back loudly."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import medcam_fast
+from medcam_fast import _ext
+
+
+def test_build_info_shape():
+    info = medcam_fast.build_info()
+    assert set(info) >= {"cpu_ops", "cuda_ops", "torch", "cuda"}
+    assert isinstance(info["cpu_ops"], bool) and isinstance(info["cuda_ops"], bool)
+    if info["cpu_ops"]:
+        assert info["torch"] == torch.__version__
+
+
+@pytest.mark.skipif(os.environ.get("MEDCAM_FAST_REQUIRE_OPS") != "1", reason="set MEDCAM_FAST_REQUIRE_OPS=1")
+def test_cpu_ops_built():
+    # make test and CI set MEDCAM_FAST_REQUIRE_OPS=1: a silent fallback to the naive ops must fail.
+    info = medcam_fast.build_info()
+    assert info["cpu_ops"], f"CPU ops not loaded: {info['error']}"
+    if os.environ.get("MEDCAM_FAST_REQUIRE_CUDA_OPS") == "1":
+        assert info["cuda_ops"], "CUDA ops were required but not built"
+
+
+def test_mismatched_build_is_not_loaded(tmp_path, monkeypatch):
+    fake = tmp_path / "_build_info.json"
+    fake.write_text(json.dumps({"cpu_ops": True, "cuda_ops": False, "torch": "0.0.1", "cuda": None}))
+    monkeypatch.setattr(_ext, "_INFO_PATH", fake)
+    info = _ext._load()
+    assert not info["cpu_ops"] and "0.0.1" in info["error"]
+
+
+def test_missing_build_falls_back_with_one_warning():
+    code = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import medcam_fast._ext as e\n"
+        "    e._INFO_PATH = e._INFO_PATH.with_name('missing.json')\n"
+        "    from medcam_fast import ops\n"
+        "    p = ops.mask_priors(torch.rand(2, 1, 4, 4))\n"
+        "    ops.compose(torch.rand(1, 1, 2, 2), torch.rand(1, 1, 2, 2), 0.0, torch.rand(1, 1, 2, 2))\n"
+        "print(medcam_fast_info := e.build_info()['cpu_ops'], sum('naive' in str(x.message) for x in w), p.shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "1", "torch.Size([2,", "3])"]
