@@ -52,6 +52,21 @@ def _cuda_setting(torch):
     return True, cuda_home, "torch has CUDA and nvcc was found"
 
 
+def _tool(name):
+    """The PyPI cmake/ninja when installed (pinned), else the one on PATH."""
+    try:
+        module = __import__(name)
+        path = Path(module.CMAKE_BIN_DIR if name == "cmake" else module.BIN_DIR) / name
+        if path.exists():
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name} not found: pip install {name}")
+    return found
+
+
 class CMakeExtension(Extension):
     def __init__(self, name):
         super().__init__(name, sources=[])
@@ -59,8 +74,6 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
-        import cmake
-        import ninja
         import torch
         import torch.utils.cpp_extension as cpp_ext
 
@@ -71,8 +84,9 @@ class CMakeBuild(build_ext):
         build_dir.mkdir(parents=True, exist_ok=True)
 
         env = dict(os.environ)
+        cmake_bin, ninja_bin = _tool("cmake"), _tool("ninja")
         args = [
-            f"-DCMAKE_MAKE_PROGRAM={Path(ninja.BIN_DIR) / 'ninja'}",
+            f"-DCMAKE_MAKE_PROGRAM={ninja_bin}",
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DPython3_EXECUTABLE={sys.executable}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
@@ -100,11 +114,10 @@ class CMakeBuild(build_ext):
         print(f"medcam_fast: CUDA kernels {'ON' if build_cuda else 'OFF'} ({reason}); "
               f"TORCH_CUDA_ARCH_LIST={env.get('TORCH_CUDA_ARCH_LIST', '-')}; build dir {build_dir}",
               flush=True)
-        cmake_bin = Path(cmake.CMAKE_BIN_DIR) / "cmake"
-        subprocess.run([str(cmake_bin), "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja", *args],
+        subprocess.run([cmake_bin, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja", *args],
                        check=True, env=env)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
-        subprocess.run([str(cmake_bin), "--build", str(build_dir), "--parallel", jobs], check=True, env=env)
+        subprocess.run([cmake_bin, "--build", str(build_dir), "--parallel", jobs], check=True, env=env)
 
         # Read at import time, before the binary is loaded, to refuse a mismatched torch.
         info = {
