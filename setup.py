@@ -19,16 +19,20 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 
 
+def _is_cuda_home(path) -> bool:
+    return path is not None and (Path(path) / "bin" / "nvcc").exists() and (Path(path) / "include").is_dir()
+
+
 def _find_cuda_home():
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and (Path(home) / "bin" / "nvcc").exists():
-            return Path(home)
+    """CUDA_HOME, CUDA_PATH, /usr/local/cuda, or the toolkit of the nvcc on PATH (which may be a
+    wrapper script, so its folder is checked for include/)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     nvcc = shutil.which("nvcc")
     if nvcc:
-        return Path(nvcc).resolve().parent.parent
-    if Path("/usr/local/cuda/bin/nvcc").exists():
-        return Path("/usr/local/cuda")
+        candidates.append(Path(nvcc).resolve().parent.parent)
+    for home in candidates:
+        if home and _is_cuda_home(home):
+            return Path(home)
     return None
 
 
@@ -114,9 +118,18 @@ class CMakeBuild(build_ext):
         print(f"medcam_fast: CUDA kernels {'ON' if build_cuda else 'OFF'} ({reason}); "
               f"TORCH_CUDA_ARCH_LIST={env.get('TORCH_CUDA_ARCH_LIST', '-')}; build dir {build_dir}",
               flush=True)
+        # A cache configured with other settings (another nvcc, CUDA on/off) cannot be reused.
+        fingerprint = json.dumps([cmake_bin, [a for a in args if "OUTPUT_DIRECTORY" not in a],
+                                  env.get("TORCH_CUDA_ARCH_LIST")])
+        stamp = build_dir / "medcam_fast_config.json"
+        if stamp.exists() and stamp.read_text() != fingerprint:
+            (build_dir / "CMakeCache.txt").unlink(missing_ok=True)
+            shutil.rmtree(build_dir / "CMakeFiles", ignore_errors=True)
+        stamp.unlink(missing_ok=True)
         subprocess.run([cmake_bin, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja", *args],
                        check=True, env=env)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        stamp.write_text(fingerprint)
         subprocess.run([cmake_bin, "--build", str(build_dir), "--parallel", jobs], check=True, env=env)
 
         # Read at import time, before the binary is loaded, to refuse a mismatched torch.
