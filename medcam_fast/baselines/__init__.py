@@ -1,0 +1,1 @@
+"""Baseline saliency methods that medcam_fast is compared against."""
