@@ -1,6 +1,7 @@
 """Turns pytest-benchmark JSON into the markdown tables committed under benchmarks/results/.
 
     python benchmarks/make_table.py ops results/ops_cpu.json [--device cpu] > results/ops_cpu.md
+    python benchmarks/make_table.py onnx results/onnx_cpu.json [--device cpu] > results/onnx_cpu.md
 """
 import argparse
 import json
@@ -39,7 +40,31 @@ def ops_table(data: dict, device: str | None) -> str:
     return "\n".join(out)
 
 
-TABLES = {"ops": ops_table}
+def onnx_table(data: dict, device: str | None) -> str:
+    rows = defaultdict(dict)
+    providers = {}
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        if device and e["device"] != device:
+            continue
+        key = (e["model"], e["device"], e.get("size", "?"), e["batch"])
+        rows[key][e["impl"]] = b["stats"]["median"] * 1e3
+        if e["impl"] == "ort":
+            providers[key] = (e.get("providers") or ["?"])[0].replace("ExecutionProvider", "")
+    out = ["| model | device | H=W | N | torch ms | ORT ms | ORT speed-up | ORT provider |",
+           "|---|---|---:|---:|---:|---:|---:|---|"]
+    for key, t in sorted(rows.items()):
+        model, dev, size, n = key
+        tt, to = t.get("torch"), t.get("ort")
+        fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+        speedup = f"{tt / to:.2f}x" if tt and to else "-"
+        out.append(f"| {model} | {dev} | {size} | {n} | {fmt(tt)} | {fmt(to)} | {speedup} | "
+                   f"{providers.get(key, '-')} |")
+    return "\n".join(out)
+
+
+TABLES = {"ops": ops_table, "onnx": onnx_table}
+WHAT = {"onnx": "Median time per call, frozen forward (no grad)."}
 
 
 def main(argv=None) -> int:
@@ -51,7 +76,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     data = json.load(open(args.json))
     print(f"# {args.title or args.kind}\n")
-    print("Median time per call, forward + backward. Machine:\n")
+    print(WHAT.get(args.kind, "Median time per call, forward + backward.") + " Machine:\n")
     print("\n".join(machine_lines(data)) + "\n")
     print(TABLES[args.kind](data, args.device))
     return 0
