@@ -1,0 +1,218 @@
+"""``Explainer`` (reusable, thread-safe) and ``explain`` (one call): validation, the fit, and the
+checks that decide what the binary mask may claim."""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from ..models.adapter import FrozenClassifier
+from . import losses
+from .backgrounds import BackgroundSampler
+from .config import MODES, MedCAMConfig, reference_config
+from .counterfactual import build_pool
+from .fit import fit_fast, fit_reference
+from .result import Explanation
+from .verify import candidate_masks, check_candidates, choose, status_of
+
+MIN_SIDE = 8
+
+
+def _validate_x(x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor [C,H,W] or [N,C,H,W], got {type(x).__name__}")
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4:
+        raise ValueError(f"x must be [C,H,W] or [N,C,H,W], got rank {x.dim()} shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("x is an empty batch (N=0)")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point (preprocessed as the model expects), got {x.dtype}")
+    if min(x.shape[2:]) < MIN_SIDE:
+        raise ValueError(f"x is {x.shape[2]}x{x.shape[3]}; Med-CAM needs images of at least {MIN_SIDE}x{MIN_SIDE}")
+    if not torch.isfinite(x).all():
+        raise ValueError("x holds NaN or Inf values")
+    return x
+
+
+def _validate_target(target, n: int, k: int, device) -> torch.Tensor | None:
+    if target is None:
+        return None
+    if isinstance(target, bool) or not isinstance(target, (int, torch.Tensor)):
+        raise ValueError(f"target must be None, an int or a [N] tensor of class indices, got {type(target).__name__}")
+    t = torch.as_tensor(target, device=device)
+    if t.dim() == 0:
+        t = t.expand(n)
+    if t.shape != (n,) or t.is_floating_point():
+        raise ValueError(f"target must be an int or a [N]={n} integer tensor, got shape {tuple(t.shape)} {t.dtype}")
+    if int(t.min()) < 0 or int(t.max()) >= k:
+        raise ValueError(f"target class indices must be in [0, {k}), got {t.tolist()}")
+    return t.long()
+
+
+class Explainer:
+    """A reusable Med-CAM explainer for one classifier; ``explainer(x)`` returns an Explanation.
+
+    Args:
+        model: maps ``[N,C,H,W]`` to logits ``[N,K]``. It is frozen during each call and left
+            exactly as it was (parameters, training flags, ``requires_grad``).
+        config: a :class:`MedCAMConfig` (default: the fast defaults, or the paper's for
+            ``mode="reference"``).
+        mode: "fast" (default) or "reference" (the authors' procedure; slow).
+        device: where to run; default the model's device. Inputs are moved there. The model is
+            never moved: a ``device`` other than the model's raises ValueError.
+        forward: optional callable for the gradient-free passes (labels, verification), e.g. an
+            ``OrtClassifier``; gradient passes always use ``model``.
+        reference: optional ``[P,C,H,W]`` images for counterfactual backgrounds.
+
+    Thread-safe: concurrent calls share the frozen model and hooks (reference-counted) and keep
+    their activations per thread.
+    """
+
+    def __init__(self, model: nn.Module, config: MedCAMConfig | None = None, mode: str = "fast", device=None,
+                 forward=None, reference: torch.Tensor | None = None):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.config = (config or (reference_config() if mode == "reference" else MedCAMConfig())).validate()
+        self.model = model
+        self.classifier = FrozenClassifier(model, self.config.layers, self.config.layer_weights)
+        model_device = self.classifier.device
+        self.device = torch.device(device) if device is not None else model_device
+        if self.device.type != model_device.type or (self.device.index is not None and self.device != model_device):
+            raise ValueError(f"device {self.device} differs from the model's device {model_device}; move the model "
+                             "first (explain never moves your model)")
+        self.forward = forward
+        self.reference = reference
+
+    def _frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.forward(x) if self.forward is not None else self.classifier.forward(x)
+        return out.to(x.device, x.dtype) if out.device != x.device else out
+
+    def __call__(self, x: torch.Tensor, target=None, seed: int = 0, reference=None) -> Explanation:
+        """Explains ``x`` ``[C,H,W]`` or ``[N,C,H,W]`` for ``target`` (None: the top-1 label)."""
+        start = time.perf_counter()
+        cfg = self.config
+        x = _validate_x(x).to(self.device)
+        reference = reference if reference is not None else self.reference
+        try:
+            self.classifier.prepare(x)
+        except RuntimeError as exc:
+            raise ValueError(f"the model cannot take x of shape {tuple(x.shape)} (channels or size do not "
+                             f"fit it): {exc}") from exc
+        with self.classifier.session():
+            with torch.no_grad():
+                try:
+                    logits_x, feats_x = self.classifier.forward(x, with_activations=True)
+                except RuntimeError as exc:
+                    raise ValueError(f"the model cannot take x of shape {tuple(x.shape)} (channels or size do not "
+                                     f"fit it): {exc}") from exc
+            if not torch.is_tensor(logits_x) or logits_x.dim() != 2 or logits_x.shape[0] != x.shape[0] \
+                    or logits_x.shape[1] < 2:
+                shape = tuple(logits_x.shape) if torch.is_tensor(logits_x) else type(logits_x).__name__
+                raise ValueError(f"the model must return logits [N,K] with K >= 2 for x [N,C,H,W]; got {shape}")
+            n, k = logits_x.shape
+            label = _validate_target(target, n, k, x.device)
+            label = logits_x.argmax(1) if label is None else label
+            if self.forward is not None:
+                with torch.no_grad():
+                    logits_x = self._frozen_forward(x)
+            prob_input = logits_x.softmax(1).gather(1, label[:, None])[:, 0]
+
+            # null audit: the baseline image alone
+            with torch.no_grad():
+                null_logits = self._frozen_forward(torch.full_like(x[:1], cfg.baseline))
+            prob_null = null_logits.softmax(1)[0, label]
+            null_keeps = null_logits.argmax(1)[0] == label
+
+            pool = build_pool(self._frozen_forward, x, label, reference, cfg.n_robust, seed, cfg.max_batch)
+            logits = self._fit(x, label, logits_x, feats_x, pool, seed)
+            soft = torch.sigmoid(logits / cfg.mask_temperature)
+
+            thr_logit = cfg.mask_temperature * math.log(cfg.threshold / (1 - cfg.threshold))
+            areas = cfg.area_grid if (cfg.minimal_search or cfg.repair) else ()
+            masks, names = candidate_masks(logits.detach(), thr_logit, areas)
+            suff = check_candidates(self._frozen_forward, x, label, masks, cfg.baseline, pool.verify_backgrounds(),
+                                    cfg.max_batch)
+            idx, notes = choose(masks, names, suff, cfg)
+        rows = torch.arange(n, device=x.device)
+        mask = masks[rows, idx]
+        kept = suff.kept[rows, idx]
+        kept_robust = suff.kept_robust[rows, idx]
+        area = mask.flatten(1).float().mean(1)
+        mf = mask[:, None].to(x.dtype)
+        evidence = mf * x + (1 - mf) * cfg.baseline
+        statuses, reasons = [], []
+        for i in range(n):
+            s, r = status_of(bool(kept[i]), float(kept_robust[i]), bool(null_keeps[i]), float(area[i]), cfg)
+            statuses.append(s)
+            reasons.append(r)
+        if not bool(kept.all()):
+            warnings.warn(f"medcam_fast: {int((~kept).sum())} of {n} binary mask(s) do not keep the label "
+                          "(returned with kept=False)", RuntimeWarning, stacklevel=2)
+        return Explanation(
+            mask=mask.cpu(), soft_mask=soft[:, 0].detach().cpu(), evidence=evidence.detach().cpu(),
+            label=label.cpu(), prob_input=prob_input.cpu(), prob_evidence=suff.prob[rows, idx].cpu(),
+            kept=kept.cpu(), area=area.cpu(), steps=self._steps.cpu(), seconds=time.perf_counter() - start,
+            prob_null=prob_null.cpu(), null_keeps_label=null_keeps.cpu(), kept_robust=kept_robust.cpu(),
+            status=statuses, reason=reasons, selection=[f"{names[int(j)]}: {notes[i]}" for i, j in enumerate(idx)],
+            backgrounds=pool.description, mode=self.mode)
+
+    def _fit(self, x, label, logits_x, feats_x, pool, seed) -> torch.Tensor:
+        cfg = self.config
+        if self.mode == "reference":
+            fit = fit_reference(self.classifier, x, label, cfg, seed)
+            self._steps = fit.steps
+            return fit.logits
+        out, steps = [], []
+        for s in range(0, x.shape[0], cfg.max_batch):
+            sl = slice(s, s + cfg.max_batch)
+            xs, ys = x[sl], label[sl]
+            targets = (logits_x[sl].detach(), [f[sl].detach() for f in feats_x],
+                       [losses.channel_rms(f[sl].detach()) for f in feats_x])
+            sampler = self._sampler(xs, pool, sl, seed)
+            fit = fit_fast(self.classifier, xs, ys, targets, sampler, cfg, seed)
+            out.append(fit.logits)
+            steps.append(fit.steps)
+        self._steps = torch.cat(steps)
+        return torch.cat(out)
+
+    def _sampler(self, xs, pool, sl, seed) -> BackgroundSampler:
+        cfg = self.config
+        if cfg.background == "counterfactual":
+            eligible = pool.train_eligible[sl]
+            if all(e.numel() > 0 for e in eligible):
+                return BackgroundSampler("counterfactual", xs, seed, pool=pool.images, eligible=eligible)
+            warnings.warn("medcam_fast: no counterfactual background for some images; the robustness term uses "
+                          "gaussian noise for this batch", RuntimeWarning, stacklevel=3)
+            return BackgroundSampler("gaussian", xs, seed)
+        return BackgroundSampler(cfg.background, xs, seed, constant=cfg.baseline)
+
+
+def explain(model: nn.Module, x: torch.Tensor, target=None, config: MedCAMConfig | None = None, mode: str = "fast",
+            device=None, seed: int = 0, reference: torch.Tensor | None = None, forward=None) -> Explanation:
+    """Med-CAM: the smallest binary evidence in ``x`` that keeps ``model``'s decision, checked.
+
+    Args:
+        model: maps ``[N,C,H,W]`` to logits ``[N,K]``; left exactly as it was.
+        x: ``[C,H,W]`` or ``[N,C,H,W]``, preprocessed as the model expects.
+        target: None (the top-1 label of f(x)), an int, or a ``[N]`` tensor of class indices.
+        config: :class:`MedCAMConfig`; default the fast defaults (or the paper's for reference).
+        mode: "fast" or "reference".
+        device: default the model's device (x is moved there; the model never is).
+        seed: seeds the U-Nets and the backgrounds: the same seed gives the same mask.
+        reference: optional ``[P,C,H,W]`` images for counterfactual backgrounds.
+        forward: optional callable for the gradient-free passes (e.g. an OrtClassifier).
+
+    Returns:
+        :class:`Explanation` with ``mask`` ``[N,H,W]`` bool, ``kept`` ``[N]``, ``kept_robust``,
+        ``status`` and the rest (see its docstring).
+    """
+    return Explainer(model, config, mode=mode, device=device, forward=forward, reference=reference)(
+        x, target=target, seed=seed)

@@ -1,0 +1,203 @@
+"""The Med-CAM fit loops: ``fit_fast`` (batched, early-stopping) and ``fit_reference`` (the authors'
+procedure, slow and faithful). Both return the final mask logits of every image."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+from . import losses
+from .backgrounds import BackgroundSampler
+from .config import MedCAMConfig
+from .unet import StackedAdam, StackedUNet
+
+
+@dataclass
+class FitResult:
+    """Per image: mask logits ``[N,1,H,W]`` (soft mask = sigmoid(logits / T)) and steps ``[N]``."""
+
+    logits: torch.Tensor
+    steps: torch.Tensor
+
+
+def layer_metrics(cfg: MedCAMConfig, n_layers: int) -> list[str]:
+    if cfg.am_metric == "paper":  # cosine on the two shallow layers, channel-normalised MSE deeper
+        return ["cosine" if i < 2 else "mse" for i in range(n_layers)]
+    return [cfg.am_metric] * n_layers
+
+
+def straight_through(mask_logits: torch.Tensor, cfg: MedCAMConfig, progress: float = 1.0,
+                     noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(soft, m): the mask the classifier sees at this point of the fit.
+
+    m's forward value is binary: soft > threshold ("threshold"), or soft > a random threshold
+    drawn per pixel from ``noise`` in [0,1], narrowing to the fixed threshold as ``progress``
+    goes 0 -> ``cfg.anneal`` ("stochastic"). Its gradient is the soft mask's (``st_slope=0``, as the
+    authors) or a constant d m / d logit = ``st_slope``, which stays alive where the sigmoid
+    saturates. "soft" uses the soft mask itself until ``progress`` reaches ``cfg.anneal``.
+    """
+    soft = torch.sigmoid(mask_logits / cfg.mask_temperature)
+    if cfg.binarize == "soft" and progress < cfg.anneal:
+        return soft, soft
+    if cfg.binarize == "rank" and noise is not None:
+        # keep the top-a fraction of pixels, a drawn log-uniformly per image: learns a ranking
+        n = mask_logits.shape[0]
+        flat = mask_logits.detach().reshape(n, -1)
+        lo, hi = math.log(cfg.rank_areas[0]), math.log(cfg.rank_areas[1])
+        a = torch.exp(lo + (hi - lo) * noise.reshape(n, -1)[:, 0])
+        k = (a * flat.shape[1]).round().clamp(min=1).long()
+        kth = flat.sort(dim=1, descending=True).values.gather(1, (k - 1)[:, None])
+        hard = (mask_logits.detach() >= kth.view(n, 1, 1, 1)).to(soft.dtype)
+        lin = mask_logits * (max(cfg.st_slope, 1e-3) / cfg.mask_temperature)
+        return soft, hard + lin - lin.detach()
+    threshold = cfg.threshold
+    if cfg.binarize == "stochastic" and progress < cfg.anneal and noise is not None:
+        width = 1 - progress / cfg.anneal
+        threshold = cfg.threshold + width * (noise - cfg.threshold)
+    hard = (soft > threshold).to(soft.dtype)
+    if cfg.st_slope > 0:
+        lin = mask_logits * (cfg.st_slope / cfg.mask_temperature)
+        return soft, hard + lin - lin.detach()
+    return soft, hard + soft - soft.detach()
+
+
+def fast_loss(clf, x, label, m, mask_logits, background, targets, cfg: MedCAMConfig, metrics):
+    """Per-image loss ``[N]`` and the evidence/robust logits, from one classifier pass over [e; e~]."""
+    target_logits, target_feats, target_scales = targets
+    n = x.shape[0]
+    batch = ops.compose(x, m, cfg.baseline, background)
+    logits, feats = clf.forward(batch, with_activations=True)
+    out_e, out_r = logits[:n], logits[n:]
+    am = losses.activation_matching([f[:n] for f in feats], target_feats, target_scales, clf.weights, metrics)
+    if cfg.ce_mode == "hinge":
+        # e: as confident as x (up to p = keep_prob); e~: p(label) >= keep_prob on other context
+        floor = -math.log(cfg.keep_prob)
+        ce_e = losses.label_ce_hinge(out_e, label, losses.label_ce(target_logits, label).clamp(max=floor))
+        ce_r = losses.label_ce_hinge(out_r, label, floor)
+    else:
+        ce_e = losses.label_ce(out_e, label, cfg.ce_temperature)
+        ce_r = losses.label_ce(out_r, label, cfg.ce_temperature)
+    keep = cfg.act * am + cfg.kl * losses.kl_to_input(out_e, target_logits, cfg.kl_temperature) + cfg.ce * ce_e
+    if cfg.st_slope > 0:
+        # the priors see the soft mask with the same constant slope as the ST mask: pushes up and
+        # down then have equal footing (a vanishing sigmoid slope only on one side lets logits run away)
+        soft = torch.sigmoid(mask_logits / cfg.mask_temperature)
+        lin = mask_logits * (cfg.st_slope / cfg.mask_temperature)
+        pri = ops.mask_priors(soft.detach() + lin - lin.detach(), diagonal=cfg.tv_diagonal)
+    else:
+        pri = losses.mask_priors(mask_logits, cfg.mask_temperature, cfg.tv_diagonal)
+    minimal = cfg.area * pri[:, 0] + cfg.bin * pri[:, 1] + cfg.tv * pri[:, 2]
+    robust = cfg.rob * ce_r
+    loss = cfg.lambda_am * keep + cfg.lambda_min * minimal + cfg.lambda_rob * robust
+    return loss, out_e.detach(), out_r.detach()
+
+
+def fit_fast(clf, x, label, targets, sampler: BackgroundSampler, cfg: MedCAMConfig, seed: int) -> FitResult:
+    """Fits one light U-Net per image, all at once; each image stops on its own.
+
+    An image stops when, at ``patience`` checks in a row (one every ``check_every`` steps), its
+    binary evidence and its robust composite both kept the label and its loss changed by less
+    than ``plateau`` (relative); it then leaves the batch. The host syncs only at checks.
+    """
+    n_all, device = x.shape[0], x.device
+    unet = StackedUNet(n_all, x.shape[1], cfg.unet_widths, cfg.unet_scale, cfg.init_bias, seed, device,
+                       x.dtype, cfg.logit_bound, cfg.standardise).requires_grad_()
+    opt = StackedAdam(unet.parameters(), cfg.lr, lr_scale=unet.lr_scales(cfg.offset_lr_scale))
+    metrics = layer_metrics(cfg, len(clf.layers))
+    final = torch.empty(n_all, 1, *x.shape[2:], device=device, dtype=x.dtype)
+    steps = torch.full((n_all,), cfg.steps, dtype=torch.long)
+    active = torch.arange(n_all)
+    tgt_logits, tgt_feats, tgt_scales = targets
+    streak = torch.zeros(n_all, dtype=torch.long)
+    prev_loss = torch.full((n_all,), float("inf"))
+    kept_acc = torch.ones(n_all, dtype=torch.bool, device=device)
+    xa, ya, ta = x, label, targets
+    for step in range(1, cfg.steps + 1):
+        mask_logits = unet(xa)
+        noise = sampler.uniform_like(mask_logits) if cfg.binarize in ("stochastic", "rank") else None
+        _, m = straight_through(mask_logits, cfg, (step - 1) / cfg.steps, noise)
+        loss, out_e, out_r = fast_loss(clf, xa, ya, m, mask_logits, sampler.draw(), ta, cfg, metrics)
+        loss.sum().backward()
+        opt.step()
+        kept_acc &= (out_e.argmax(1) == ya) & (out_r.argmax(1) == ya)
+        last = step == cfg.steps
+        if step % cfg.check_every and not last:
+            continue
+        # --- check (the one host sync of every check_every steps)
+        ids = active
+        kept_now = kept_acc.cpu()
+        cur = loss.detach().cpu()
+        flat = (cur - prev_loss[ids]).abs() <= cfg.plateau * cur.abs().clamp(min=1e-8)
+        streak[ids] = torch.where(kept_now, streak[ids] + 1, torch.zeros_like(streak[ids]))
+        prev_loss[ids] = cur
+        # never before the mask is binarised at the fixed threshold (stochastic/soft phases)
+        settled = step >= max(cfg.min_steps, cfg.anneal * cfg.steps if cfg.binarize != "threshold" else 0) \
+            and cfg.binarize != "rank"
+        done = (streak[ids] >= cfg.patience) & flat & settled
+        if last:
+            done[:] = True
+        if done.any():
+            final[ids[done]] = mask_logits.detach()[done]
+            steps[ids[done]] = step
+            keep = (~done).nonzero().flatten()
+            if keep.numel() == 0:
+                break
+            active = ids[keep]
+            unet = unet.select(keep.to(device))
+            opt = opt.select(unet.parameters(), keep.to(device))
+            sampler = sampler.select(keep)
+            xa, ya = xa[keep.to(device)], ya[keep.to(device)]
+            kd = keep.to(device)
+            ta = (ta[0][kd], [f[kd] for f in ta[1]], [s[kd] for s in ta[2]])
+        kept_acc = torch.ones(active.numel(), dtype=torch.bool, device=device)
+    return FitResult(final, steps)
+
+
+def _reference_backgrounds(x: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+    """The authors' three robustness backgrounds: zeros, N(0,1) and U[-1,1]."""
+    return [torch.zeros_like(x),
+            torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype),
+            torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1]
+
+
+def fit_reference(clf, x, label, cfg: MedCAMConfig, seed: int) -> FitResult:
+    """The paper-faithful procedure, one image at a time, as the authors' code does it.
+
+    DoubleConv U-Net (``cfg.unet_widths``), Adam at ``cfg.lr`` for ``cfg.steps`` steps; every step
+    recomputes f(x), runs f on e = m*x (baseline 0) for AM + KL + CE, and on m_hard*x + (1-m_hard)*r
+    for each of three backgrounds separately (KL to f(x), hard mask: no gradient reaches the mask).
+    """
+    results, steps = [], []
+    metrics = layer_metrics(cfg, len(clf.layers))
+    for i in range(x.shape[0]):
+        xi, yi = x[i:i + 1], label[i:i + 1]
+        unet = StackedUNet(1, x.shape[1], cfg.unet_widths, cfg.unet_scale, cfg.init_bias, seed, x.device,
+                           x.dtype).requires_grad_()
+        opt = StackedAdam(unet.parameters(), cfg.lr)
+        gen = torch.Generator(device=x.device).manual_seed(int(seed))
+        for _ in range(cfg.steps):
+            with torch.no_grad():
+                tgt_logits, tgt_feats = clf.forward(xi, with_activations=True)
+            tgt_scales = [losses.channel_rms(t) for t in tgt_feats]
+            mask_logits = unet(xi)
+            soft, m = straight_through(mask_logits, cfg)
+            logits_e, feats_e = clf.forward(m * xi + (1 - m) * cfg.baseline, with_activations=True)
+            am = losses.activation_matching(feats_e, tgt_feats, tgt_scales, clf.weights, metrics)
+            keep = cfg.act * am + cfg.kl * losses.kl_to_input(logits_e, tgt_logits, cfg.kl_temperature) \
+                + cfg.ce * losses.label_ce(logits_e, yi)
+            pri = ops.naive.mask_priors(soft, diagonal=cfg.tv_diagonal)
+            minimal = cfg.area * pri[:, 0] + cfg.bin * pri[:, 1] + cfg.tv * pri[:, 2]
+            hard = (soft > cfg.threshold).to(soft.dtype).detach()
+            robust = 0.0
+            for r in _reference_backgrounds(xi, gen):
+                logits_r = clf.forward(hard * xi + (1 - hard) * r)
+                robust = robust + losses.kl_to_input(logits_r, tgt_logits, cfg.kl_temperature)
+            loss = cfg.lambda_am * keep + cfg.lambda_min * minimal + cfg.lambda_rob * cfg.rob * robust
+            loss.sum().backward()
+            opt.step()
+        with torch.no_grad():
+            results.append(unet(xi))
+        steps.append(cfg.steps)
+    return FitResult(torch.cat(results), torch.tensor(steps))

@@ -1,0 +1,175 @@
+"""The U-Net explainer, stacked: G independent U-Nets (one per image) in one set of tensors.
+
+Every parameter has a leading group axis ``[G, ...]`` and runs as one grouped convolution, so a
+batch of images is fitted by N independent networks in a single pass. Adam is elementwise, so
+the result equals fitting each image alone. Groups can be dropped (``select``) when their image
+finishes early.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _conv_params(gen, g, cin, cout, k, device, dtype, std=None, bias=0.0):
+    std = math.sqrt(2.0 / (cin * k * k)) if std is None else std  # He init for ReLU
+    w = torch.randn(cout, cin, k, k, generator=gen, dtype=torch.float64) * std
+    return (w.to(device, dtype).expand(g, -1, -1, -1, -1).clone(),
+            torch.full((g, cout), bias, device=device, dtype=dtype))
+
+
+class StackedUNet:
+    """G U-Nets with DoubleConv blocks (conv3x3-ReLU twice), MaxPool down, ConvTranspose up and
+    skip connections; a 1x1 head gives one channel of mask logits.
+
+    Args:
+        groups: G, the number of images (one network each).
+        in_chans: image channels.
+        widths: channels per level, e.g. (16, 32, 64) light or (32, 64, 128, 256, 512) reference.
+        scale: run at 1/scale resolution (average-pooled input, bilinear-upsampled logits).
+        init_bias: initial logit of the head (2 starts from a mask of ~0.88 everywhere).
+        logit_bound: when > 0, logits are B * tanh(l / B) (Adam otherwise drives them to +-1e3).
+        standardise: when > 0, logits are ``standardise * z + offset``: z the network's output
+            standardised per image, offset one learned scalar per image (init ``init_bias``). Adam
+            on a ReLU U-Net otherwise spends its steps shifting the whole map up or down.
+        seed: every group gets the same initial weights from this seed, so a batched fit
+            matches fitting each image alone.
+    """
+
+    def __init__(self, groups, in_chans, widths=(16, 32, 64), scale=1, init_bias=0.0, seed=0,
+                 device=None, dtype=torch.float32, logit_bound=0.0, standardise=0.0):
+        if len(widths) < 1:
+            raise ValueError("unet widths must name at least one level")
+        self.groups, self.in_chans, self.widths, self.scale = groups, in_chans, tuple(widths), scale
+        self.logit_bound = float(logit_bound)
+        self.standardise = float(standardise)
+        gen = torch.Generator().manual_seed(int(seed))
+        p: dict[str, torch.Tensor] = {}
+        cin = in_chans
+        for i, w in enumerate(widths):
+            p[f"enc{i}.w1"], p[f"enc{i}.b1"] = _conv_params(gen, groups, cin, w, 3, device, dtype)
+            p[f"enc{i}.w2"], p[f"enc{i}.b2"] = _conv_params(gen, groups, w, w, 3, device, dtype)
+            cin = w
+        for i in reversed(range(len(widths) - 1)):
+            w_up, w = widths[i + 1], widths[i]
+            # ConvTranspose2d weight layout: [cin, cout, k, k]
+            wt = torch.randn(w_up, w, 2, 2, generator=gen, dtype=torch.float64) * math.sqrt(2.0 / (w_up * 4))
+            p[f"up{i}.w"] = wt.to(device, dtype).expand(groups, -1, -1, -1, -1).clone()
+            p[f"up{i}.b"] = torch.zeros(groups, w, device=device, dtype=dtype)
+            p[f"dec{i}.w1"], p[f"dec{i}.b1"] = _conv_params(gen, groups, 2 * w, w, 3, device, dtype)
+            p[f"dec{i}.w2"], p[f"dec{i}.b2"] = _conv_params(gen, groups, w, w, 3, device, dtype)
+        p["head.w"], p["head.b"] = _conv_params(gen, groups, widths[0], 1, 1, device, dtype, std=0.01, bias=init_bias)
+        if self.standardise > 0:
+            # "where" (the standardised map) and "how much" (one offset per image) learn separately
+            p["offset"] = torch.full((groups, 1), float(init_bias), device=device, dtype=dtype)
+        self.params = p
+
+    @property
+    def multiple(self) -> int:
+        """Input sides must be multiples of this (inputs are padded to it)."""
+        return self.scale * 2 ** (len(self.widths) - 1)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.params.values())
+
+    def lr_scales(self, offset_scale: float) -> list[float]:
+        """Per-parameter learning-rate factors: the per-image offset is one scalar that must travel
+        several logits within the fit, the network weights move together."""
+        return [offset_scale if k == "offset" else 1.0 for k in self.params]
+
+    def requires_grad_(self, flag=True) -> "StackedUNet":
+        for t in self.params.values():
+            t.requires_grad_(flag)
+        return self
+
+    def select(self, keep: torch.Tensor) -> "StackedUNet":
+        """A view of the groups in ``keep`` (indices), sharing nothing with this one."""
+        new = object.__new__(StackedUNet)
+        new.__dict__.update(self.__dict__)
+        new.groups = int(keep.numel())
+        new.params = {k: v.detach()[keep].clone().requires_grad_(v.requires_grad) for k, v in self.params.items()}
+        return new
+
+    # --- grouped layers: activations are [1, G*C, H, W], group g's channels contiguous
+    def _conv(self, h, name, suffix="", padding=1):
+        w, b = self.params[f"{name}.w{suffix}"], self.params[f"{name}.b{suffix}"]
+        g, cout = w.shape[0], w.shape[1]
+        return F.conv2d(h, w.reshape(g * cout, *w.shape[2:]), b.reshape(-1), padding=padding, groups=g)
+
+    def _double(self, h, name):
+        return F.relu(self._conv(F.relu(self._conv(h, name, "1")), name, "2"))
+
+    def _up(self, h, i):
+        w, b = self.params[f"up{i}.w"], self.params[f"up{i}.b"]
+        g = w.shape[0]
+        return F.conv_transpose2d(h, w.reshape(g * w.shape[1], *w.shape[2:]), b.reshape(-1), stride=2, groups=g)
+
+    def _cat(self, a, b):
+        g = self.groups
+        a = a.view(1, g, -1, *a.shape[2:])
+        b = b.view(1, g, -1, *b.shape[2:])
+        return torch.cat([a, b], dim=2).view(1, -1, *a.shape[3:])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Mask logits ``[G,1,H,W]`` for images ``x`` ``[G,C,H,W]`` (group g explains x[g])."""
+        g, c, h, w = x.shape
+        if g != self.groups or c != self.in_chans:
+            raise ValueError(f"U-Net stack of {self.groups}x{self.in_chans} channels got input {tuple(x.shape)}")
+        m = self.multiple
+        ph, pw = (-h) % m, (-w) % m
+        z = F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+        if self.scale > 1:
+            z = F.avg_pool2d(z, self.scale)
+        z = z.reshape(1, g * c, *z.shape[2:])
+        skips = []
+        for i in range(len(self.widths)):
+            if i > 0:
+                z = F.max_pool2d(z, 2)
+            z = self._double(z, f"enc{i}")
+            skips.append(z)
+        for i in reversed(range(len(self.widths) - 1)):
+            z = self._double(self._cat(skips[i], self._up(z, i)), f"dec{i}")
+        logits = self._conv(z, "head", padding=0).view(g, 1, *z.shape[2:])
+        if self.scale > 1:
+            logits = F.interpolate(logits, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        logits = logits[:, :, :h, :w]
+        if self.standardise > 0:
+            flat = logits.flatten(1)
+            z = (flat - flat.mean(1, keepdim=True)) / (flat.std(1, keepdim=True) + 1e-6)
+            logits = (self.standardise * z + self.params["offset"]).view_as(logits)
+        if self.logit_bound > 0:  # B * tanh(l / B): no runaway logits, ranking kept
+            logits = self.logit_bound * torch.tanh(logits / self.logit_bound)
+        return logits
+
+
+class StackedAdam:
+    """Adam over stacked parameters whose state can be sliced with the groups (``select``)."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, betas=(0.9, 0.999), eps=1e-8, lr_scale=None):
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.lr_scale = list(lr_scale) if lr_scale is not None else [1.0] * len(params)
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self):
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        for p, m, v, scale in zip(self.params, self.m, self.v, self.lr_scale):
+            if p.grad is None:
+                continue
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-self.lr * scale / c1)
+            p.grad = None
+
+    def select(self, params: list[torch.Tensor], keep: torch.Tensor) -> "StackedAdam":
+        new = StackedAdam(params, self.lr, self.betas, self.eps, self.lr_scale)
+        new.m = [m[keep].clone() for m in self.m]
+        new.v = [v[keep].clone() for v in self.v]
+        new.t = self.t
+        return new
