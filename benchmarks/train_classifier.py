@@ -1,0 +1,184 @@
+"""Trains a classifier from scratch (no hub weights) on the shared brain_mri or isic2018 data.
+
+    python benchmarks/train_classifier.py --dataset brain_mri --data ../shared/data/brain_mri \
+        --model mobilenetv2_100 --size 128 --epochs 40 --out medcam_fast/zoo/weights/brain_mri_mobilenetv2
+    python benchmarks/train_classifier.py --dataset isic2018 --data ../shared/data/isic2018 \
+        --model resnet18 --size 128 --epochs 40 --out benchmarks/models/isic2018_resnet18
+
+The best epoch on the val split is kept; the test split is scored once, at the end. Writes
+``<out>.safetensors`` and ``<out>.json`` (the model card: data, split, recipe, metrics, licence).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from medcam_fast.data import datasets  # noqa: E402
+from medcam_fast.data.preprocess import Preprocess  # noqa: E402
+from medcam_fast.zoo.cards import DATASET_FACTS, build_model  # noqa: E402
+
+
+def load_split(samples, size: int, in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images of a split as uint8 ``[N,C,size,size]`` plus labels ``[N]``."""
+    prep = Preprocess((size, size), (0.0,) * in_chans, (1.0,) * in_chans)
+    images = torch.stack([(prep.to_unit(s.path) * 255).round().to(torch.uint8) for s in samples])
+    return images, torch.tensor([s.label for s in samples])
+
+
+def augment(batch_u8: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Random resized crop (75-100% area), flips, rotation (+-10 deg), contrast (+-15%), brightness (+-0.05)."""
+    n = batch_u8.shape[0]
+    x = batch_u8.float() / 255
+    scale = torch.empty(n).uniform_(0.75, 1.0, generator=gen).sqrt()
+    angle = torch.empty(n).uniform_(-10, 10, generator=gen) * math.pi / 180
+    shift = torch.empty(n, 2).uniform_(-1, 1, generator=gen) * (1 - scale)[:, None]
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+                         torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, (n, x.shape[1], size, size), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    contrast = torch.empty(n, 1, 1, 1).uniform_(0.85, 1.15, generator=gen)
+    bright = torch.empty(n, 1, 1, 1).uniform_(-0.05, 0.05, generator=gen)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * contrast + mean + bright).clamp(0, 1)
+
+
+@torch.no_grad()
+def predict(model, images_u8, mean, std, batch=128) -> torch.Tensor:
+    model.eval()
+    out = []
+    for i in range(0, len(images_u8), batch):
+        x = (images_u8[i:i + batch].float() / 255 - mean) / std
+        out.append(model(x).argmax(1))
+    return torch.cat(out)
+
+
+def scores(pred: torch.Tensor, target: torch.Tensor, k: int) -> dict:
+    cm = torch.zeros(k, k, dtype=torch.long)
+    for t, p in zip(target.tolist(), pred.tolist()):
+        cm[t, p] += 1
+    recall = (cm.diag().float() / cm.sum(1).clamp(min=1)).tolist()
+    return {"accuracy": float((pred == target).float().mean()), "balanced_accuracy": float(np.mean(recall)),
+            "recall": recall, "confusion_matrix": cm.tolist(), "n": int(len(target))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", choices=sorted(DATASET_FACTS), required=True)
+    ap.add_argument("--data", required=True, help="folder of the dataset (with split.csv or labels.csv)")
+    ap.add_argument("--model", default="mobilenetv2_100")
+    ap.add_argument("--patchnet", type=int, default=0, metavar="P",
+                    help="train a PatchNet with patch size P around --model instead")
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--label-smoothing", type=float, default=0.1)
+    ap.add_argument("--balanced", action="store_true", help="sample classes evenly (for imbalanced sets)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", required=True, help="output path without suffix")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    facts = DATASET_FACTS[args.dataset]
+    loader = datasets.brain_mri if args.dataset == "brain_mri" else datasets.isic2018
+    splits = {s: loader(args.data, s)[0] for s in ("train", "val", "test")}
+    class_names = loader(args.data, "train")[1]
+    in_chans = facts["in_chans"]
+    t0 = time.time()
+    data = {s: load_split(v, args.size, in_chans) for s, v in splits.items()}
+    print(f"loaded {', '.join(f'{s} {len(v[0])}' for s, v in data.items())} in {time.time() - t0:.0f}s", flush=True)
+
+    train_x, train_y = data["train"]
+    mean = tuple((train_x.float() / 255).mean(dim=(0, 2, 3)).tolist())
+    std = tuple((train_x.float() / 255).std(dim=(0, 2, 3)).tolist())
+    spec = {"arch": args.model, "num_classes": len(class_names), "in_chans": in_chans,
+            "input_size": [in_chans, args.size, args.size], "mean": mean, "std": std, "patch_size": args.patchnet}
+    model = build_model(spec)
+    mean_t, std_t = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+
+    steps_per_epoch = math.ceil(len(train_x) / args.batch)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch,
+                                                pct_start=0.1)
+    gen = torch.Generator().manual_seed(args.seed)
+    if args.balanced:
+        counts = torch.bincount(train_y, minlength=len(class_names)).float()
+        weights = (1.0 / counts)[train_y]
+    best = (-1.0, None, -1)
+    history = []
+    for epoch in range(args.epochs):
+        model.train()
+        t_ep = time.time()
+        order = (torch.multinomial(weights, len(train_y), replacement=True, generator=gen) if args.balanced
+                 else torch.randperm(len(train_y), generator=gen))
+        total = 0.0
+        for i in range(steps_per_epoch):
+            idx = order[i * args.batch:(i + 1) * args.batch]
+            x = (augment(train_x[idx], args.size, gen) - mean_t) / std_t
+            loss = F.cross_entropy(model(x), train_y[idx], label_smoothing=args.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach())
+        val = scores(predict(model, *data["val"][:1], mean_t, std_t), data["val"][1], len(class_names))
+        key = val["balanced_accuracy"] if args.balanced else val["accuracy"]
+        history.append({"epoch": epoch + 1, "loss": total / steps_per_epoch, "val": val["accuracy"],
+                        "val_balanced": val["balanced_accuracy"], "seconds": time.time() - t_ep})
+        print(f"epoch {epoch + 1:3d} loss {total / steps_per_epoch:.4f} val acc {val['accuracy']:.4f} "
+              f"bal {val['balanced_accuracy']:.4f} ({time.time() - t_ep:.0f}s)", flush=True)
+        if key > best[0]:
+            best = (key, {k: v.detach().clone() for k, v in model.state_dict().items()}, epoch + 1)
+
+    model.load_state_dict(best[1])
+    result = {s: scores(predict(model, data[s][0], mean_t, std_t), data[s][1], len(class_names))
+              for s in ("val", "test")}
+    print(json.dumps({"best_epoch": best[2], **{s: {k: result[s][k] for k in ("accuracy", "balanced_accuracy",
+                                                                              "recall")} for s in result}}))
+    print("test confusion matrix (rows: true", class_names, "):", result["test"]["confusion_matrix"])
+
+    from safetensors.torch import save_file
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out.with_suffix(".safetensors")))
+    card = {
+        "name": out.name,
+        "model": spec,
+        "class_names": class_names,
+        "dataset": {"name": args.dataset, **facts["card"]},
+        "training": {"command": "python benchmarks/train_classifier.py " + " ".join(sys.argv[1:] if argv is None
+                                                                                     else argv),
+                     "from_scratch": True, "epochs": args.epochs, "best_epoch": best[2], "batch": args.batch,
+                     "lr": args.lr, "weight_decay": args.weight_decay, "label_smoothing": args.label_smoothing,
+                     "augmentation": augment.__doc__, "selection": "best val " +
+                     ("balanced accuracy" if args.balanced else "accuracy"), "seed": args.seed,
+                     "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
+                     "torch": torch.__version__, "history": history},
+        "metrics": result,
+    }
+    out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    print(f"wrote {out.with_suffix('.safetensors')} ({out.with_suffix('.safetensors').stat().st_size / 1e6:.1f} MB)"
+          f" and {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

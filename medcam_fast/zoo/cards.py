@@ -1,0 +1,58 @@
+"""Model specs and cards of the classifiers the project trains (see benchmarks/train_classifier.py)."""
+from __future__ import annotations
+
+import torch
+
+SLICE_SPLIT_CAVEAT = ("The split is by slice, not by patient (patient ids were not available), so slices of one "
+                      "patient can sit in both train and test: test accuracy is optimistic for new patients.")
+
+DATASET_FACTS = {
+    "brain_mri": {
+        "in_chans": 1,
+        "card": {
+            "description": "3,064 T1-weighted contrast-enhanced MRI slices of 233 patients; classes glioma, "
+                           "meningioma, pituitary tumour; fixed split train 2144 / val 459 / test 461.",
+            "source": "Cheng, Jun et al., \"Brain tumor dataset\", figshare, doi:10.6084/m9.figshare.1512427",
+            "citation": "Cheng et al., \"Enhanced Performance of Brain Tumor Classification via Tumor Region "
+                        "Augmentation and Partition\", PLoS ONE 10(10), 2015.",
+            "licence": "CC BY 4.0 (attribution required)",
+            "caveat": SLICE_SPLIT_CAVEAT,
+        },
+    },
+    "isic2018": {
+        "in_chans": 3,
+        "card": {
+            "description": "ISIC 2018 Task 1 dermoscopy images with a diagnosis joined from ISIC 2019/2017: "
+                           "NV vs MEL rows only (SK dropped); 256x256 RGB, aspect squashed to square.",
+            "source": "ISIC 2018 challenge data (Codella et al. 2019; Tschandl et al. 2018, HAM10000)",
+            "licence": "CC BY-NC 4.0: non-commercial use, attribution required",
+            "caveat": "Small and imbalanced (train NV 439 / MEL 113); balanced accuracy is the fairer figure.",
+        },
+    },
+}
+
+
+def build_model(spec: dict) -> torch.nn.Module:
+    """A timm model (or PatchNet around one) from a card's ``model`` spec, with no hub weights.
+
+    The spec's ``input_size``, ``mean`` and ``std`` become the model's pretrained_cfg, so
+    ``timm.data.resolve_data_config`` (and :class:`~medcam_fast.data.preprocess.Preprocess`) follow them.
+    """
+    import timm
+
+    cfg = {"input_size": tuple(spec["input_size"]), "mean": tuple(spec["mean"]), "std": tuple(spec["std"]),
+           "num_classes": spec["num_classes"], "interpolation": "bilinear", "crop_pct": 1.0}
+    if spec.get("patch_size"):
+        from ..patchnet import PatchNet
+
+        model = PatchNet(spec["arch"], spec["patch_size"], spec["num_classes"], spec["in_chans"])
+        model.pretrained_cfg = cfg
+        return model
+    model = timm.create_model(spec["arch"], pretrained=False, num_classes=spec["num_classes"],
+                              in_chans=spec["in_chans"], pretrained_cfg_overlay=cfg)
+    head = model.get_classifier()
+    if isinstance(head, torch.nn.Linear):
+        # timm's fan-out init gives a 3-way head logits of ~15 at start; begin near uniform instead
+        torch.nn.init.normal_(head.weight, std=0.01)
+        torch.nn.init.zeros_(head.bias)
+    return model
