@@ -63,8 +63,29 @@ def onnx_table(data: dict, device: str | None) -> str:
     return "\n".join(out)
 
 
-TABLES = {"ops": ops_table, "onnx": onnx_table}
-WHAT = {"onnx": "Median time per call, frozen forward (no grad)."}
+def explain_table(data: dict, device: str | None) -> str:
+    rows = {}
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        if e.get("kind") != "fast_vs_reference":
+            continue
+        rows[(e["size"], e["mode"])] = e
+    out = ["| H=W | mode | images | s / image | speed-up | kept | kept_robust | mean area | p(y|x) | p(y|evidence) "
+           "| status ok | mean steps |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (size, mode), e in sorted(rows.items()):
+        ref = rows.get((size, "reference"))
+        speed = f"{ref['seconds_per_image'] / e['seconds_per_image']:.1f}x" if ref else "-"
+        out.append(f"| {size} | {mode} | {e['n_images']} | {e['seconds_per_image']:.2f} | {speed} | "
+                   f"{e['kept_rate']:.0%} | {e['kept_robust']:.2f} | {e['mean_area']:.1%} | "
+                   f"{e['mean_prob_input']:.3f} | {e['mean_prob_evidence']:.3f} | {e['status_ok']}/{e['n_images']} | "
+                   f"{e['mean_steps']:.0f} |")
+    return "\n".join(out)
+
+
+TABLES = {"ops": ops_table, "onnx": onnx_table, "explain": explain_table}
+WHAT = {"onnx": "Median time per call, frozen forward (no grad).",
+        "explain": "One explanation at a time (wall time per image, one run)."}
 
 
 def main(argv=None) -> int:

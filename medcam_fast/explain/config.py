@@ -67,6 +67,7 @@ class MedCAMConfig:
     area_grid: tuple[float, ...] = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
                                     0.7, 0.9)
     n_robust: int = 8                # counterfactual composites per image for kept_robust
+    batch_as_reference: bool = True  # the other images of a call serve as counterfactual backgrounds
     robust_threshold: float = 0.9
     min_area: float = 0.005
     max_area: float = 0.9

@@ -46,25 +46,30 @@ def _synthetic(x: torch.Tensor, seed: int, draws: int = 2) -> torch.Tensor:
 
 
 @torch.no_grad()
-def build_pool(forward, x, label, reference, n_robust: int, seed: int, batch_size: int) -> CounterfactualPool:
+def build_pool(forward, x, label, reference, n_robust: int, seed: int, batch_size: int,
+               use_batch: bool = True) -> CounterfactualPool:
     """Collects the counterfactual pool for images ``x`` ``[N,C,H,W]`` with labels ``label`` ``[N]``.
 
+    ``use_batch``: the batch's own images join the pool (each image never draws itself).
     Verification and training backgrounds are disjoint where an image has at least
     ``2 * n_robust`` eligible ones; otherwise both use all of them (the description says so).
     """
     n = x.shape[0]
-    parts, sources = [x], [f"{n} batch image(s)"]
+    parts, sources = ([x], [f"{n} batch image(s)"]) if use_batch else ([], [])
     if reference is not None:
         parts.append(reference.to(x.device, x.dtype))
         sources.append(f"{reference.shape[0]} reference image(s)")
-    images = torch.cat(parts)
-    labels = batched_logits(forward, images, batch_size).argmax(1)
-    own = torch.arange(images.shape[0], device=x.device)
+    images = torch.cat(parts) if parts else x[:0]
+    labels = (batched_logits(forward, images, batch_size).argmax(1) if images.shape[0]
+              else torch.empty(0, dtype=torch.long, device=x.device))
+    # pool index of each batch image (-1: not an image of this batch), so an image never draws itself
+    own = torch.arange(images.shape[0], device=x.device) if use_batch else \
+        torch.full((images.shape[0],), -1, device=x.device)
 
     def counts(lab):
         return torch.stack([(lab != label[i]).sum() for i in range(n)])
 
-    if int(counts(labels).min()) < n_robust and images.shape[0] > 0:
+    if images.shape[0] > 0 and int(counts(labels).min()) < n_robust:
         flips = images.flip(-1)
         images = torch.cat([images, flips])
         labels = torch.cat([labels, batched_logits(forward, flips, batch_size).argmax(1)])

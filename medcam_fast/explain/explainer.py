@@ -21,6 +21,13 @@ from .verify import candidate_masks, check_candidates, choose, status_of
 MIN_SIDE = 8
 
 
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    msg = str(exc).lower()
+    return "out of memory" in msg or "can't allocate memory" in msg
+
+
 def _validate_x(x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor [C,H,W] or [N,C,H,W], got {type(x).__name__}")
@@ -131,8 +138,9 @@ class Explainer:
             prob_null = null_logits.softmax(1)[0, label]
             null_keeps = null_logits.argmax(1)[0] == label
 
-            pool = build_pool(self._frozen_forward, x, label, reference, cfg.n_robust, seed, cfg.max_batch)
-            logits = self._fit(x, label, logits_x, feats_x, pool, seed)
+            pool = build_pool(self._frozen_forward, x, label, reference, cfg.n_robust, seed, cfg.max_batch,
+                              cfg.batch_as_reference)
+            logits, steps = self._fit(x, label, logits_x, feats_x, pool, seed)
             soft = torch.sigmoid(logits / cfg.mask_temperature)
 
             thr_logit = cfg.mask_temperature * math.log(cfg.threshold / (1 - cfg.threshold))
@@ -159,29 +167,42 @@ class Explainer:
         return Explanation(
             mask=mask.cpu(), soft_mask=soft[:, 0].detach().cpu(), evidence=evidence.detach().cpu(),
             label=label.cpu(), prob_input=prob_input.cpu(), prob_evidence=suff.prob[rows, idx].cpu(),
-            kept=kept.cpu(), area=area.cpu(), steps=self._steps.cpu(), seconds=time.perf_counter() - start,
+            kept=kept.cpu(), area=area.cpu(), steps=steps, seconds=time.perf_counter() - start,
             prob_null=prob_null.cpu(), null_keeps_label=null_keeps.cpu(), kept_robust=kept_robust.cpu(),
             status=statuses, reason=reasons, selection=[f"{names[int(j)]}: {notes[i]}" for i, j in enumerate(idx)],
             backgrounds=pool.description, mode=self.mode)
 
-    def _fit(self, x, label, logits_x, feats_x, pool, seed) -> torch.Tensor:
+    def _fit(self, x, label, logits_x, feats_x, pool, seed) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits ``[N,1,H,W]`` and steps ``[N]``; nothing here lives on ``self`` (thread safety)."""
         cfg = self.config
         if self.mode == "reference":
             fit = fit_reference(self.classifier, x, label, cfg, seed)
-            self._steps = fit.steps
-            return fit.logits
-        out, steps = [], []
-        for s in range(0, x.shape[0], cfg.max_batch):
-            sl = slice(s, s + cfg.max_batch)
-            xs, ys = x[sl], label[sl]
+            return fit.logits, fit.steps.cpu()
+        n = x.shape[0]
+        logits = torch.empty(n, 1, *x.shape[2:], device=x.device, dtype=x.dtype)
+        steps = torch.zeros(n, dtype=torch.long)
+        chunks = [(s, min(n, s + cfg.max_batch)) for s in range(0, n, cfg.max_batch)]
+        while chunks:  # a chunk that runs out of memory is halved and retried; results go by index
+            s, e = chunks.pop(0)
+            sl = slice(s, e)
             targets = (logits_x[sl].detach(), [f[sl].detach() for f in feats_x],
                        [losses.channel_rms(f[sl].detach()) for f in feats_x])
-            sampler = self._sampler(xs, pool, sl, seed)
-            fit = fit_fast(self.classifier, xs, ys, targets, sampler, cfg, seed)
-            out.append(fit.logits)
-            steps.append(fit.steps)
-        self._steps = torch.cat(steps)
-        return torch.cat(out)
+            try:
+                fit = fit_fast(self.classifier, x[sl], label[sl], targets, self._sampler(x[sl], pool, sl, seed),
+                               cfg, seed)
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not _is_oom(exc) or e - s == 1:
+                    raise
+                if x.is_cuda:
+                    torch.cuda.empty_cache()
+                mid = (s + e) // 2
+                chunks[:0] = [(s, mid), (mid, e)]
+                warnings.warn(f"medcam_fast: out of memory fitting {e - s} images at once; halving to {mid - s}",
+                              RuntimeWarning, stacklevel=3)
+                continue
+            logits[sl] = fit.logits
+            steps[sl] = fit.steps
+        return logits, steps
 
     def _sampler(self, xs, pool, sl, seed) -> BackgroundSampler:
         cfg = self.config

@@ -1,0 +1,57 @@
+"""Seconds per explanation and what they buy: fast mode against the paper-faithful reference
+mode, on brain_mri val images with classifiers trained on its train split (CPU-sized by default).
+
+    pytest benchmarks/bm_explain.py --benchmark-json=benchmarks/results/json/explain_cpu.json
+    python benchmarks/make_table.py explain benchmarks/results/json/explain_cpu.json > benchmarks/results/explain_cpu.md
+
+Fast mode explains 8 val images one at a time, reference mode 3 of them (it takes minutes each).
+Both get the same 24 other val images as counterfactual backgrounds. Beside the time per image the
+table holds kept rate, kept_robust, mean area and mean p(label | evidence).
+"""
+import time
+
+import pytest
+import torch
+
+from medcam_fast import Explainer, MedCAMConfig, reference_config
+
+from bench_data import classifier, split_images
+
+CLASSIFIERS = {64: "brain_mri_mobilenetv2_64", 128: "brain_mri_mobilenetv2"}
+N_IMAGES = {"fast": 8, "reference": 3}
+
+
+def _summary(results, seconds):
+    kept = torch.cat([r.kept for r in results]).float()
+    return {
+        "n_images": len(kept), "seconds_per_image": seconds / len(kept), "kept_rate": float(kept.mean()),
+        "kept_robust": float(torch.cat([r.kept_robust for r in results]).nanmean()),
+        "mean_area": float(torch.cat([r.area for r in results]).mean()),
+        "mean_prob_evidence": float(torch.cat([r.prob_evidence for r in results]).mean()),
+        "mean_prob_input": float(torch.cat([r.prob_input for r in results]).mean()),
+        "status_ok": sum(s == "ok" for r in results for s in r.status),
+        "mean_steps": float(torch.cat([r.steps for r in results]).float().mean()),
+    }
+
+
+@pytest.mark.parametrize("mode", ["fast", "reference"])
+@pytest.mark.parametrize("size", [64, 128])
+def test_fast_vs_reference(benchmark, quick, size, mode):
+    model, prep, _ = classifier(CLASSIFIERS[size])
+    x, _, _, _ = split_images("brain_mri", "val", prep, 8 + 24, seed=1, with_masks=False)
+    images, pool = x[:N_IMAGES[mode]], x[8:]
+    cfg = reference_config() if mode == "reference" else MedCAMConfig()
+    if quick:
+        images, cfg = images[:1], cfg.replace(steps=10, min_steps=1)
+    explainer = Explainer(model, cfg, mode=mode, reference=pool)
+    out = {}
+
+    def run():
+        t0 = time.perf_counter()
+        out["results"] = [explainer(img) for img in images]
+        out["seconds"] = time.perf_counter() - t0
+
+    benchmark.group = f"explain brain_mri {size}x{size}"
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(kind="fast_vs_reference", mode=mode, size=size, model=CLASSIFIERS[size],
+                                **_summary(out["results"], out["seconds"]))
