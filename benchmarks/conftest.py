@@ -37,6 +37,7 @@ def pytest_addoption(parser):
     parser.addoption("--bench-devices", default="auto",
                      help="comma list of devices to benchmark (cpu,cuda); auto = cpu plus cuda when present")
     parser.addoption("--bench-quick", action="store_true", help="the smallest sizes only (smoke run)")
+    parser.addoption("--bench-full", action="store_true", help="every size and batch, also on CPU")
 
 
 @pytest.fixture(scope="session")

@@ -83,9 +83,27 @@ def explain_table(data: dict, device: str | None) -> str:
     return "\n".join(out)
 
 
-TABLES = {"ops": ops_table, "onnx": onnx_table, "explain": explain_table}
+def throughput_table(data: dict, device: str | None) -> str:
+    rows = defaultdict(dict)
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        if e.get("kind") not in ("demo", "families") or (device and e["device"] != device):
+            continue
+        rows[(e["model"], e["device"], e["size"], e["n"])][e["mode"]] = e["per_second"]
+    out = ["| model | device | H=W | N | one by one (expl/s) | batched (expl/s) | batched / one by one |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for (model, dev, size, n), r in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3])):
+        single, batched = r.get("single"), r.get("batched")
+        fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+        ratio = f"{batched / single:.2f}x" if single and batched else "-"
+        out.append(f"| {model} | {dev} | {size} | {n} | {fmt(single)} | {fmt(batched)} | {ratio} |")
+    return "\n".join(out)
+
+
+TABLES = {"ops": ops_table, "onnx": onnx_table, "explain": explain_table, "throughput": throughput_table}
 WHAT = {"onnx": "Median time per call, frozen forward (no grad).",
-        "explain": "One explanation at a time (wall time per image, one run)."}
+        "explain": "One explanation at a time (wall time per image, one run).",
+        "throughput": "Explanations per second (one run each; model families: random init, fixed 10 steps)."}
 
 
 def main(argv=None) -> int:

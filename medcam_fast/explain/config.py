@@ -44,6 +44,7 @@ class MedCAMConfig:
     # --- U-Net explainer
     unet_widths: tuple[int, ...] = (16, 32, 64)
     unet_scale: int = 2              # predict at 1/scale resolution, upsample the logits
+    unet_batching: str = "grouped"   # N U-Nets as grouped convolutions, a loop, or torch.func.vmap
     init_bias: float = 2.0           # initial mask logit: start from (almost) the whole image
     logit_bound: float = 0.0         # mask logits are B*tanh(l/B) (0: unbounded, as the paper)
     standardise: float = 3.0         # logits = s * standardised U-Net map + per-image offset (0: raw, as the paper)
@@ -88,6 +89,8 @@ class MedCAMConfig:
             raise ValueError(f"binarize must be 'threshold', 'stochastic', 'soft' or 'rank', got {self.binarize!r}")
         if not 0 <= self.anneal <= 1:
             raise ValueError(f"anneal must be in [0, 1], got {self.anneal}")
+        if self.unet_batching not in ("grouped", "loop", "vmap"):
+            raise ValueError(f"unet_batching must be 'grouped', 'loop' or 'vmap', got {self.unet_batching!r}")
         if self.unet_scale not in (1, 2, 4):
             raise ValueError(f"unet_scale must be 1, 2 or 4, got {self.unet_scale}")
         if self.steps < 1 or self.check_every < 1 or self.max_batch < 1:

@@ -103,7 +103,7 @@ def fit_fast(clf, x, label, targets, sampler: BackgroundSampler, cfg: MedCAMConf
     """
     n_all, device = x.shape[0], x.device
     unet = StackedUNet(n_all, x.shape[1], cfg.unet_widths, cfg.unet_scale, cfg.init_bias, seed, device,
-                       x.dtype, cfg.logit_bound, cfg.standardise).requires_grad_()
+                       x.dtype, cfg.logit_bound, cfg.standardise, cfg.unet_batching).requires_grad_()
     opt = StackedAdam(unet.parameters(), cfg.lr, lr_scale=unet.lr_scales(cfg.offset_lr_scale))
     metrics = layer_metrics(cfg, len(clf.layers))
     final = torch.empty(n_all, 1, *x.shape[2:], device=device, dtype=x.dtype)

@@ -34,17 +34,22 @@ class StackedUNet:
         standardise: when > 0, logits are ``standardise * z + offset``: z the network's output
             standardised per image, offset one learned scalar per image (init ``init_bias``). Adam
             on a ReLU U-Net otherwise spends its steps shifting the whole map up or down.
+        batching: how the G networks run: "grouped" (one grouped convolution per layer), "loop"
+            (one ordinary convolution per network) or "vmap" (torch.func.vmap over the group axis).
         seed: every group gets the same initial weights from this seed, so a batched fit
             matches fitting each image alone.
     """
 
     def __init__(self, groups, in_chans, widths=(16, 32, 64), scale=1, init_bias=0.0, seed=0,
-                 device=None, dtype=torch.float32, logit_bound=0.0, standardise=0.0):
+                 device=None, dtype=torch.float32, logit_bound=0.0, standardise=0.0, batching="grouped"):
         if len(widths) < 1:
             raise ValueError("unet widths must name at least one level")
         self.groups, self.in_chans, self.widths, self.scale = groups, in_chans, tuple(widths), scale
         self.logit_bound = float(logit_bound)
         self.standardise = float(standardise)
+        if batching not in ("grouped", "loop", "vmap"):
+            raise ValueError(f"batching must be 'grouped', 'loop' or 'vmap', got {batching!r}")
+        self.batching = batching
         gen = torch.Generator().manual_seed(int(seed))
         p: dict[str, torch.Tensor] = {}
         cin = in_chans
@@ -92,25 +97,52 @@ class StackedUNet:
         new.params = {k: v.detach()[keep].clone().requires_grad_(v.requires_grad) for k, v in self.params.items()}
         return new
 
-    # --- grouped layers: activations are [1, G*C, H, W], group g's channels contiguous
-    def _conv(self, h, name, suffix="", padding=1):
-        w, b = self.params[f"{name}.w{suffix}"], self.params[f"{name}.b{suffix}"]
+    # --- grouped layers: activations are [1, G*C, H, W], group g's channels contiguous; ``p`` holds
+    # the parameters of the g networks run together (all of them, one slice, or a vmap slice)
+    @staticmethod
+    def _conv(p, h, name, suffix="", padding=1):
+        w, b = p[f"{name}.w{suffix}"], p[f"{name}.b{suffix}"]
         g, cout = w.shape[0], w.shape[1]
         return F.conv2d(h, w.reshape(g * cout, *w.shape[2:]), b.reshape(-1), padding=padding, groups=g)
 
-    def _double(self, h, name):
-        return F.relu(self._conv(F.relu(self._conv(h, name, "1")), name, "2"))
+    def _double(self, p, h, name):
+        return F.relu(self._conv(p, F.relu(self._conv(p, h, name, "1")), name, "2"))
 
-    def _up(self, h, i):
-        w, b = self.params[f"up{i}.w"], self.params[f"up{i}.b"]
+    @staticmethod
+    def _up(p, h, i):
+        w, b = p[f"up{i}.w"], p[f"up{i}.b"]
         g = w.shape[0]
         return F.conv_transpose2d(h, w.reshape(g * w.shape[1], *w.shape[2:]), b.reshape(-1), stride=2, groups=g)
 
-    def _cat(self, a, b):
-        g = self.groups
+    @staticmethod
+    def _cat(a, b, g):
         a = a.view(1, g, -1, *a.shape[2:])
         b = b.view(1, g, -1, *b.shape[2:])
         return torch.cat([a, b], dim=2).view(1, -1, *a.shape[3:])
+
+    def _body(self, p, z):
+        """``z`` ``[g,C,h,w]`` (padded, scaled) -> raw logits ``[g,1,h,w]`` with parameters ``p``."""
+        g = z.shape[0]
+        z = z.reshape(1, -1, *z.shape[2:])
+        skips = []
+        for i in range(len(self.widths)):
+            if i > 0:
+                z = F.max_pool2d(z, 2)
+            z = self._double(p, z, f"enc{i}")
+            skips.append(z)
+        for i in reversed(range(len(self.widths) - 1)):
+            z = self._double(p, self._cat(skips[i], self._up(p, z, i), g), f"dec{i}")
+        return self._conv(p, z, "head", padding=0).view(g, 1, *z.shape[2:])
+
+    def _run(self, z):
+        if self.batching == "grouped" or self.groups == 1:
+            return self._body(self.params, z)
+        if self.batching == "loop":
+            return torch.cat([self._body({k: v[i:i + 1] for k, v in self.params.items()}, z[i:i + 1])
+                              for i in range(self.groups)])
+        # vmap over the group axis of every parameter and of the input
+        single = lambda p, zi: self._body({k: v[None] for k, v in p.items()}, zi[None])[0]  # noqa: E731
+        return torch.func.vmap(single)(self.params, z)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Mask logits ``[G,1,H,W]`` for images ``x`` ``[G,C,H,W]`` (group g explains x[g])."""
@@ -122,16 +154,7 @@ class StackedUNet:
         z = F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
         if self.scale > 1:
             z = F.avg_pool2d(z, self.scale)
-        z = z.reshape(1, g * c, *z.shape[2:])
-        skips = []
-        for i in range(len(self.widths)):
-            if i > 0:
-                z = F.max_pool2d(z, 2)
-            z = self._double(z, f"enc{i}")
-            skips.append(z)
-        for i in reversed(range(len(self.widths) - 1)):
-            z = self._double(self._cat(skips[i], self._up(z, i)), f"dec{i}")
-        logits = self._conv(z, "head", padding=0).view(g, 1, *z.shape[2:])
+        logits = self._run(z)
         if self.scale > 1:
             logits = F.interpolate(logits, scale_factor=self.scale, mode="bilinear", align_corners=False)
         logits = logits[:, :, :h, :w]

@@ -1,0 +1,244 @@
+"""The evaluation harness: every method on the same images, scored the same way, resumable.
+
+For each image and method it records decision metrics (kept, confidence change, area), curve
+metrics (deletion, insertion, ROAD), localisation (hit, IoU, Dice, pointing game) and the
+counterfactual sufficiency measures (kept_robust, area-to-sufficiency and its curve). Records
+are appended to ``records.jsonl`` as they finish, so an interrupted run loses nothing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import metrics
+from ..explain import Explainer, MedCAMConfig, reference_config
+from .sufficiency import SWEEP, area_to_sufficiency, kept_robust_of_masks, pick_backgrounds, sufficiency_curve
+
+CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "ablationcam")
+
+
+@dataclass
+class EvalSet:
+    """Images to explain with their ids, ground-truth masks, and a counterfactual pool."""
+
+    name: str
+    x: torch.Tensor                 # [N,C,H,W] preprocessed
+    ids: list[str]
+    gt: torch.Tensor                # [N,H,W] bool lesion masks
+    pool: torch.Tensor              # [P,C,H,W] reference images (another split) for backgrounds
+    x_val: torch.Tensor | None = None   # [V,C,H,W] val images to tune CAM thresholds on
+    gt_val: torch.Tensor | None = None
+
+
+@dataclass
+class EvalOptions:
+    methods: tuple[str, ...] = ("medcam",) + CAM_METHODS
+    reference_images: int = 3       # reference mode is minutes per image: a few only
+    batch: int = 16                 # images per Med-CAM call
+    n_robust: int = 8
+    seed: int = 0
+    medcam: MedCAMConfig = field(default_factory=MedCAMConfig)
+    reference: MedCAMConfig = field(default_factory=reference_config)
+
+
+def _load_done(path: Path) -> dict:
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done[(r["method"], r["id"])] = r
+    return done
+
+
+def _f(v) -> float:
+    v = float(v)
+    return v if math.isfinite(v) else float("nan")
+
+
+class Evaluation:
+    """Runs methods on an :class:`EvalSet` for one classifier, appending records to ``out_dir``."""
+
+    def __init__(self, model, data: EvalSet, out_dir, options: EvalOptions | None = None, progress=None):
+        self.model, self.data, self.opt = model.eval(), data, options or EvalOptions()
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.records_path = self.out / "records.jsonl"
+        self.done = _load_done(self.records_path)
+        self.progress = progress
+        with torch.no_grad():
+            self.logits = self.model(data.x)
+            self.pool_labels = self.model(data.pool).argmax(1)
+        self.label = self.logits.argmax(1)
+        self.backgrounds = pick_backgrounds(data.pool, self.pool_labels, self.label, self.opt.n_robust,
+                                            self.opt.seed + 101)
+        with torch.no_grad():
+            blank = self.model(torch.full_like(data.x[:1], self.opt.medcam.baseline))
+        self.null_label = int(blank.argmax(1))
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.model(x)
+
+    def _append(self, records: list[dict]) -> None:
+        with open(self.records_path, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+                self.done[(r["method"], r["id"])] = r
+
+    def _todo(self, method: str, limit: int | None = None) -> list[int]:
+        idx = list(range(len(self.data.ids)))[:limit]
+        return [i for i in idx if (method, self.data.ids[i]) not in self.done]
+
+    # ------------------------------------------------------------------ scoring
+    def _score(self, method, idx, saliency, mask, seconds, extra=None) -> list[dict]:
+        """Records for images ``idx`` from their ranking map ``saliency`` [n,H,W] and binary mask."""
+        x, gt, y = self.data.x[idx], self.data.gt[idx], self.label[idx]
+        evidence = mask[:, None].to(x.dtype) * x + (1 - mask[:, None].to(x.dtype)) * self.opt.medcam.baseline
+        kept = metrics.decision_kept(self.forward, evidence, y)
+        change = metrics.confidence_change(self.forward, x, evidence, y)
+        dele = metrics.deletion(self.forward, x, saliency, y, baseline=self.opt.medcam.baseline)
+        ins = metrics.insertion(self.forward, x, saliency, y)
+        rd = metrics.road(self.forward, x, saliency, y, generator=torch.Generator().manual_seed(self.opt.seed))
+        bg = self.backgrounds[idx]
+        own_robust = kept_robust_of_masks(self.forward, x, y, mask, bg)
+        curve = sufficiency_curve(self.forward, x, y, saliency, bg)
+        to_suff = area_to_sufficiency(curve)
+        area = metrics.mask_area(mask)
+        out = []
+        for j, i in enumerate(idx):
+            r = {
+                "method": method, "id": self.data.ids[i], "label": int(y[j]), "area": _f(area[j]),
+                "kept": bool(kept[j]), "prob_change": _f(change[j]), "deletion_auc": _f(dele.auc[j]),
+                "insertion_auc": _f(ins.auc[j]), "road": _f(rd.combined[j]) if rd.combined.dim() else
+                _f(rd.combined), "hit": _f(metrics.hit_rate(saliency[j:j + 1], gt[j:j + 1])[0]),
+                "iou": _f(metrics.iou(mask[j:j + 1], gt[j:j + 1])[0]),
+                "dice": _f(metrics.dice(mask[j:j + 1], gt[j:j + 1])[0]),
+                "pointing": _f(metrics.pointing_game(saliency[j:j + 1], gt[j:j + 1])[0]),
+                "components": int(metrics.connected_components(mask[j:j + 1])[0]),
+                "kept_robust": _f(own_robust[j]), "area_to_sufficiency": _f(to_suff[j]),
+                "sufficiency_curve": [_f(v) for v in curve[j]], "seconds": seconds / len(idx),
+                "null_keeps_label": self.null_label == int(y[j]),
+                "degenerate": bool(area[j] < 0.005 or area[j] > 0.9),
+            }
+            if extra:
+                r.update({k: v[j] for k, v in extra.items()})
+            out.append(r)
+        return out
+
+    # ------------------------------------------------------------------ methods
+    def run_medcam(self, mode: str = "fast") -> None:
+        method = "medcam" if mode == "fast" else "medcam_reference"
+        cfg = self.opt.medcam if mode == "fast" else self.opt.reference
+        cfg = cfg.replace(batch_as_reference=False, n_robust=self.opt.n_robust)
+        limit = None if mode == "fast" else self.opt.reference_images
+        todo = self._todo(method, limit)
+        step = self.opt.batch if mode == "fast" else 1
+        explainer = Explainer(self.model, cfg, mode=mode, reference=self.data.pool)
+        for s in range(0, len(todo), step):
+            idx = todo[s:s + step]
+            t0 = time.perf_counter()
+            res = explainer(self.data.x[idx], target=self.label[idx], seed=self.opt.seed)
+            seconds = time.perf_counter() - t0
+            extra = {"status": res.status, "mc_kept_robust": [float(v) for v in res.kept_robust],
+                     "prob_null": [float(v) for v in res.prob_null], "steps": [int(v) for v in res.steps],
+                     "mc_null_keeps_label": [bool(v) for v in res.null_keeps_label]}
+            self._append(self._score(method, idx, res.soft_mask, res.mask, seconds, extra))
+            if self.progress:
+                self.progress(method, len(idx))
+
+    def cam_thresholds(self) -> dict[str, float]:
+        """CheXlocalize-style: each CAM's binarisation threshold maximising mean IoU on val."""
+        from ..baselines.gradcam import cam_maps
+
+        path = self.out / "cam_thresholds.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        thresholds = {}
+        if self.data.x_val is not None:
+            with torch.no_grad():
+                yv = self.model(self.data.x_val).argmax(1)
+            for method in CAM_METHODS:
+                maps = cam_maps(self.model, self.data.x_val, yv, method=method)
+                thresholds[method] = float(metrics.tune_threshold(maps, self.data.gt_val))
+        path.write_text(json.dumps(thresholds, indent=2))
+        return thresholds
+
+    def run_cam(self, method: str, threshold: float) -> None:
+        from ..baselines.gradcam import cam_maps
+
+        todo = self._todo(method)
+        for s in range(0, len(todo), self.opt.batch):
+            idx = todo[s:s + self.opt.batch]
+            t0 = time.perf_counter()
+            maps = cam_maps(self.model, self.data.x[idx], self.label[idx], method=method)
+            seconds = time.perf_counter() - t0
+            mask = metrics.binarise(maps, threshold)
+            records = self._score(method, idx, maps, mask, seconds, {"threshold": [threshold] * len(idx)})
+            self._cam_at_medcam_area(method, idx, maps, records)
+            self._append(records)
+            if self.progress:
+                self.progress(method, len(idx))
+
+    def _cam_at_medcam_area(self, method, idx, maps, records) -> None:
+        """kept_robust of the CAM's top-k pixels at Med-CAM's own area on the same image."""
+        from ..baselines.gradcam import top_k_mask
+
+        areas = [self.done.get(("medcam", self.data.ids[i]), {}).get("area") for i in idx]
+        if any(a is None for a in areas):
+            return
+        masks = top_k_mask(maps, torch.tensor(areas))
+        kr = kept_robust_of_masks(self.forward, self.data.x[idx], self.label[idx], masks, self.backgrounds[idx])
+        for r, v in zip(records, kr):
+            r["kept_robust_at_medcam_area"] = _f(v)
+
+    def run(self, methods=None) -> list[dict]:
+        methods = methods or self.opt.methods
+        if "medcam" in methods:
+            self.run_medcam("fast")
+        if "medcam_reference" in methods:
+            self.run_medcam("reference")
+        cams = [m for m in methods if m in CAM_METHODS]
+        if cams:
+            thresholds = self.cam_thresholds()
+            for method in cams:
+                self.run_cam(method, thresholds.get(method, 0.5))
+        return list(self.done.values())
+
+    def options_dict(self) -> dict:
+        d = asdict(self.opt)
+        d["sweep_areas"] = list(SWEEP)
+        return d
+
+
+def run_sanity(model, data: EvalSet, out_dir, methods, n_images: int = 8, medcam_cfg: MedCAMConfig | None = None,
+               seed: int = 0, stages=None) -> dict:
+    """Cascading model-parameter randomisation (Adebayo et al. 2018) for each method, on the first
+    ``n_images`` images: IoU and Spearman of each map against the trained model's map as the top
+    stages are re-initialised one by one. Cached in ``sanity.json``."""
+    from ..baselines.gradcam import cam_maps
+
+    path = Path(out_dir) / "sanity.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    x = data.x[:n_images]
+    with torch.no_grad():
+        label = model(x).argmax(1)
+    cfg = (medcam_cfg or MedCAMConfig()).replace(batch_as_reference=False)
+
+    def medcam_fn(m, xx, yy):
+        return Explainer(m, cfg, reference=data.pool)(xx, target=yy, seed=seed).mask
+
+    out = {}
+    for method in methods:
+        fn = medcam_fn if method == "medcam" else (lambda m, xx, yy, meth=method: cam_maps(m, xx, yy, method=meth))
+        rows = metrics.cascading_randomisation(model, fn, x, label, stages=stages, seed=seed)
+        out[method] = [{"stage": r["stage"], "iou": _f(r["iou"].nanmean()), "spearman": _f(r["spearman"].nanmean())}
+                       for r in rows]
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    return out

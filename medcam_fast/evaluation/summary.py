@@ -1,0 +1,119 @@
+"""Per-method summaries of evaluation records, the markdown/JSON report, and its figures."""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from .sufficiency import SWEEP
+
+COLUMNS = [  # (key, header, format)
+    ("n", "images", "{:d}"), ("kept", "kept", "{:.1%}"), ("prob_change", "Δp(y)", "{:+.3f}"),
+    ("area", "area", "{:.1%}"), ("deletion_auc", "deletion AUC ↓", "{:.3f}"),
+    ("insertion_auc", "insertion AUC ↑", "{:.3f}"), ("road", "ROAD ↑", "{:.3f}"), ("hit", "hit rate", "{:.1%}"),
+    ("iou", "IoU", "{:.3f}"), ("seconds", "s / image", "{:.2f}"),
+    ("null_keeps_label", "blank keeps label", "{:.1%}"), ("kept_robust", "kept_robust", "{:.2f}"),
+    ("degenerate", "degenerate", "{:.1%}"), ("kept_robust_at_medcam_area", "kept_robust @ Med-CAM area", "{:.2f}"),
+    ("area_to_sufficiency", "area to sufficiency", "{:.1%}"),
+]
+
+
+def _mean(values) -> float:
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def summarise(records: list[dict]) -> dict[str, dict]:
+    """Per method: the mean of every column (bools as rates; NaNs, e.g. IoU on empty masks, skipped)."""
+    by = defaultdict(list)
+    for r in records:
+        by[r["method"]].append(r)
+    out = {}
+    for method, rs in by.items():
+        row = {"n": len(rs)}
+        for key, _, _ in COLUMNS[1:]:
+            row[key] = _mean(r.get(key) for r in rs)
+        row["curve"] = [_mean(r["sufficiency_curve"][i] for r in rs) for i in range(len(SWEEP))]
+        statuses = [r["status"] for r in rs if "status" in r]
+        if statuses:
+            row["status"] = {s: statuses.count(s) for s in sorted(set(statuses))}
+            ok = [r for r in rs if r.get("status") == "ok"]
+            row["ok_min_kept_robust"] = min((r["mc_kept_robust"] for r in ok), default=float("nan"))
+            row["ok_mean_area"] = _mean(r["area"] for r in ok)
+        out[method] = row
+    return out
+
+
+def markdown_table(summary: dict[str, dict]) -> str:
+    order = ["medcam", "medcam_reference"] + sorted(m for m in summary if not m.startswith("medcam"))
+    lines = ["| method | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+             "|---|" + "---:|" * len(COLUMNS)]
+    for m in [m for m in order if m in summary]:
+        row = summary[m]
+        cells = []
+        for key, _, fmt in COLUMNS:
+            v = row.get(key)
+            cells.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curve_table(summary: dict[str, dict]) -> str:
+    lines = ["| method | " + " | ".join(f"{a:.0%}" for a in SWEEP) + " |", "|---|" + "---:|" * len(SWEEP)]
+    for m, row in sorted(summary.items()):
+        lines.append(f"| {m} | " + " | ".join(f"{v:.2f}" for v in row["curve"]) + " |")
+    return "\n".join(lines)
+
+
+def figures(records: list[dict], summary: dict[str, dict], out_dir: Path) -> list[str]:
+    """Box plots of area and IoU per method, and kept_robust against area. Returns file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in ["medcam", "medcam_reference"] + sorted(summary) if m in summary]
+    methods = list(dict.fromkeys(methods))
+    names = []
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, key in zip(axes, ("area", "iou")):
+        data = [[r[key] for r in records if r["method"] == m and r.get(key) == r.get(key)] for m in methods]
+        ax.boxplot(data, showfliers=False)
+        ax.set_xticks(range(1, len(methods) + 1), methods, rotation=30, ha="right")
+        ax.set_title(key)
+    fig.tight_layout()
+    fig.savefig(out_dir / "boxplots.png", dpi=110)
+    plt.close(fig)
+    names.append("boxplots.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        ax.plot([a * 100 for a in SWEEP], summary[m]["curve"], marker="o", label=m)
+    ax.axhline(0.9, color="grey", ls="--", lw=0.8)
+    ax.set_xlabel("area of the top-k pixels (%)")
+    ax.set_ylabel("kept_robust")
+    ax.set_title("counterfactual sufficiency against area")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "sufficiency_curve.png", dpi=110)
+    plt.close(fig)
+    names.append("sufficiency_curve.png")
+    return names
+
+
+def write_report(records: list[dict], out_dir, title: str, facts: list[str], extra_sections=()) -> dict:
+    """Writes ``results.md``, ``results.json`` and the figures; returns the summary."""
+    out_dir = Path(out_dir)
+    summary = summarise(records)
+    figs = figures(records, summary, out_dir)
+    md = [f"# {title}", "", *[f"- {f}" for f in facts], "", "## Per method", "", markdown_table(summary), "",
+          "## kept_robust of each map's top-k pixels", "", curve_table(summary), ""]
+    if "medcam" in summary and "status" in summary["medcam"]:
+        md += ["## Med-CAM status", "", ", ".join(f"{k}: {v}" for k, v in summary["medcam"]["status"].items()), ""]
+    for heading, body in extra_sections:
+        md += [f"## {heading}", "", body, ""]
+    md += ["## Figures", ""] + [f"![{f}]({f})" for f in figs]
+    (out_dir / "results.md").write_text("\n".join(md) + "\n")
+    (out_dir / "results.json").write_text(json.dumps({"title": title, "facts": facts, "summary": summary},
+                                                     indent=2) + "\n")
+    return summary

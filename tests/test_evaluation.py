@@ -1,0 +1,80 @@
+"""Evaluation harness: sufficiency measures with known answers, and a small resumable run."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from medcam_fast import MedCAMConfig
+from medcam_fast.evaluation import (EvalOptions, EvalSet, Evaluation, area_to_sufficiency, kept_robust_of_masks,
+                                    pick_backgrounds, sufficiency_curve, write_report)
+
+from planted import make_planted, train_tiny_cnn
+
+
+class RegionClassifier(nn.Module):
+    """Class 1 when the mean of the top-left 4x4 block exceeds 0.5, by construction."""
+
+    def forward(self, x):
+        s = x[:, 0, :4, :4].mean(dim=(1, 2)) - 0.5
+        return torch.stack([-s, s], dim=1) * 10
+
+
+def test_pick_backgrounds_only_other_labels():
+    pool = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 1, 2, 2).clone()
+    labels = torch.tensor([0, 1, 0, 1, 2, 2])
+    bg = pick_backgrounds(pool, labels, torch.tensor([0, 2]), k=5)
+    assert bg.shape == (2, 5, 1, 2, 2)
+    assert set(bg[0, :, 0, 0, 0].tolist()) <= {1.0, 3.0, 4.0, 5.0}   # never a label-0 image
+    assert set(bg[1, :, 0, 0, 0].tolist()) <= {0.0, 1.0, 2.0, 3.0}
+    with pytest.raises(ValueError, match="no image with a label other than 0"):
+        pick_backgrounds(pool[:1], labels[:1], torch.tensor([0]), k=2)
+
+
+def test_kept_robust_and_curve_known_answers():
+    model = RegionClassifier()
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, :4, :4] = 1.0                                   # class 1 because of the corner
+    bgs = torch.zeros(1, 8, 1, 8, 8)                         # class-0 backgrounds
+    corner = torch.zeros(1, 8, 8, dtype=torch.bool)
+    corner[0, :4, :4] = True
+    label = torch.tensor([1])
+    assert kept_robust_of_masks(model, x, label, corner, bgs).item() == 1.0
+    assert kept_robust_of_masks(model, x, label, ~corner, bgs).item() == 0.0
+    half = torch.zeros(1, 8, 8, dtype=torch.bool)
+    half[0, :2, :4] = True                                  # half the corner: mean 0.5, not > 0.5
+    assert kept_robust_of_masks(model, x, label, half, bgs).item() == 0.0
+    # a saliency ranking the corner first: 16 px = 25% of the image is needed
+    sal = corner.float() + 0.01 * torch.rand(1, 8, 8)
+    curve = sufficiency_curve(model, x, label, sal, bgs, areas=(0.1, 0.25, 0.5))
+    assert curve.tolist() == [[0.0, 1.0, 1.0]]
+    assert area_to_sufficiency(curve, areas=(0.1, 0.25, 0.5)).tolist() == [0.25]
+    assert area_to_sufficiency(torch.zeros(1, 3), areas=(0.1, 0.25, 0.5)).tolist() == [1.0]
+
+
+def test_small_evaluation_run_resumes(tmp_path):
+    model = train_tiny_cnn(seed=0)
+    x, _, gt = make_planted(6, seed=41, positive_only=True)
+    xv, _, gtv = make_planted(6, seed=42, positive_only=True)
+    xp, yp, _ = make_planted(40, seed=43)
+    data = EvalSet("planted", x, [f"img{i}" for i in range(6)], gt, xp[yp == 0][:12], xv, gtv)
+    opts = EvalOptions(methods=("medcam", "gradcam"), batch=3, n_robust=4,
+                       medcam=MedCAMConfig(steps=40, min_steps=20, check_every=10))
+    calls = []
+    ev = Evaluation(model, data, tmp_path, opts, progress=lambda m, n: calls.append((m, n)))
+    records = ev.run()
+    assert len(records) == 12 and calls == [("medcam", 3), ("medcam", 3), ("gradcam", 3), ("gradcam", 3)]
+    r = next(r for r in records if r["method"] == "gradcam")
+    for key in ("kept", "prob_change", "area", "deletion_auc", "insertion_auc", "road", "hit", "iou",
+                "seconds", "kept_robust", "area_to_sufficiency", "kept_robust_at_medcam_area"):
+        assert key in r, key
+    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 12
+    # a second run reads the finished records back and recomputes nothing
+    calls.clear()
+    again = Evaluation(model, data, tmp_path, opts, progress=lambda m, n: calls.append((m, n))).run()
+    assert calls == [] and len(again) == 12
+    summary = write_report(again, tmp_path, "test", ["fact"])
+    assert set(summary) == {"medcam", "gradcam"} and summary["medcam"]["n"] == 6
+    text = (tmp_path / "results.md").read_text()
+    assert "| medcam |" in text and (tmp_path / "sufficiency_curve.png").stat().st_size > 0
+    assert json.loads((tmp_path / "results.json").read_text())["summary"]["gradcam"]["n"] == 6
