@@ -127,9 +127,7 @@ class Explainer:
             n, k = logits_x.shape
             label = _validate_target(target, n, k, x.device)
             label = logits_x.argmax(1) if label is None else label
-            if self.forward is not None:
-                with torch.no_grad():
-                    logits_x = self._frozen_forward(x)
+            # f(x) comes from the torch pass that also gives the activation targets (needed anyway)
             prob_input = logits_x.softmax(1).gather(1, label[:, None])[:, 0]
 
             # null audit: the baseline image alone
