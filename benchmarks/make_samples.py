@@ -3,6 +3,10 @@ tumour masks (CC BY 4.0), chosen by a fixed seeded draw stratified by class (not
 the classifier does on them), plus an ATTRIBUTION file.
 
     python benchmarks/make_samples.py --data ../shared/data/brain_mri
+    python benchmarks/make_samples.py --card brain_mri_mobilenetv2   # record the demo's predictions
+
+The second form writes the bundled classifier's predictions on the bundled samples into its model
+card, so a test can check that the shipped weights still reproduce them.
 """
 import argparse
 import json
@@ -15,17 +19,42 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medcam_fast.data.datasets import BRAIN_CLASSES, brain_mri  # noqa: E402
-from medcam_fast.zoo.cards import DATASET_FACTS  # noqa: E402
+from medcam_fast.zoo.cards import DATASET_FACTS, card_markdown  # noqa: E402
 
 PER_CLASS = {"glioma": 3, "meningioma": 2, "pituitary": 3}
 OUT = ROOT / "medcam_fast" / "data" / "samples"
 
 
+def record_predictions(name: str) -> None:
+    import torch
+
+    from medcam_fast import zoo
+    from medcam_fast.data import samples
+
+    model, prep, classes = zoo.load(name)
+    with torch.no_grad():
+        probs = model(torch.stack([prep(s.path) for s in samples()])).softmax(1)
+    card = zoo.card(name)
+    card["sample_predictions"] = [
+        {"name": s.name, "label": s.label, "predicted": int(p.argmax()), "predicted_class": classes[int(p.argmax())],
+         "probabilities": [round(float(v), 6) for v in p]} for s, p in zip(samples(), probs)]
+    (zoo.WEIGHTS_DIR / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    (zoo.WEIGHTS_DIR / f"{name}.md").write_text(card_markdown(card))
+    right = sum(r["label"] == r["predicted"] for r in card["sample_predictions"])
+    print(f"recorded {len(probs)} sample predictions in the {name} card ({right} correct)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--card", default=None, help="record this bundled classifier's sample predictions")
     args = ap.parse_args(argv)
+    if args.card:
+        record_predictions(args.card)
+        return 0
+    if not args.data:
+        ap.error("--data is required to copy samples")
     samples, _ = brain_mri(args.data, "test")
     rng = random.Random(args.seed)
     chosen = []

@@ -56,3 +56,42 @@ def build_model(spec: dict) -> torch.nn.Module:
         torch.nn.init.normal_(head.weight, std=0.01)
         torch.nn.init.zeros_(head.bias)
     return model
+
+
+def card_markdown(card: dict) -> str:
+    """A human-readable model card from a card dict (what train_classifier.py writes)."""
+    m, d, t = card["model"], card["dataset"], card["training"]
+    test, val = card["metrics"]["test"], card["metrics"]["val"]
+    names = card["class_names"]
+    lines = [
+        f"# Model card: {card['name']}", "",
+        f"- **Model:** timm `{m['arch']}`" + (f" inside PatchNet (patch {m['patch_size']})" if m.get("patch_size") else "")
+        + f", {m['in_chans']} input channel(s), {m['num_classes']} classes ({', '.join(names)}), input "
+        f"{m['input_size'][1]}x{m['input_size'][2]}, mean {[round(v, 4) for v in m['mean']]}, "
+        f"std {[round(v, 4) for v in m['std']]}.",
+        "- **Training:** from scratch (no hub weights), " + f"{t['epochs']} epochs, best val epoch {t['best_epoch']} "
+        f"({t['selection']}); AdamW lr {t['lr']}, weight decay {t['weight_decay']}, label smoothing "
+        f"{t['label_smoothing']}, batch {t['batch']}; augmentation: {t['augmentation']}",
+        f"- **Command:** `{t['command']}` ({t['machine']}, torch {t['torch']}).",
+        f"- **Data:** {d['description']}", f"- **Source:** {d['source']}.",
+    ]
+    if d.get("citation"):
+        lines.append(f"- **Cite:** {d['citation']}")
+    lines += [f"- **Licence of the data:** {d['licence']}.", f"- **Caveat:** {d['caveat']}", "",
+              "## Accuracy", "",
+              f"| split | n | accuracy | balanced accuracy | " + " | ".join(f"recall {n}" for n in names) + " |",
+              "|---|---:|---:|---:|" + "---:|" * len(names)]
+    for split, r in (("val", val), ("test", test)):
+        lines.append(f"| {split} | {r['n']} | {r['accuracy']:.3f} | {r['balanced_accuracy']:.3f} | "
+                     + " | ".join(f"{v:.3f}" for v in r["recall"]) + " |")
+    lines += ["", "Test confusion matrix (rows: true class, columns: predicted):", "",
+              "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for name, row in zip(names, test["confusion_matrix"]):
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    if card.get("sample_predictions"):
+        lines += ["", "## Predictions on the bundled samples", "", "| sample | true | predicted | p(predicted) |",
+                  "|---|---|---|---:|"]
+        for r in card["sample_predictions"]:
+            lines.append(f"| {r['name']} | {names[r['label']]} | {r['predicted_class']} | "
+                         f"{max(r['probabilities']):.3f} |")
+    return "\n".join(lines) + "\n"
