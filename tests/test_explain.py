@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medcam_fast import Explainer, Explanation, MedCAMConfig, explain, reference_config

@@ -19,10 +19,9 @@ Call ``model.eval()`` first: in train mode BatchNorm statistics would be taken o
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

@@ -76,8 +76,15 @@ def read_dicom(path: Path) -> np.ndarray:
         return _to_unit(pixels)
     values = apply_modality_lut(pixels, ds)
     if "WindowCenter" in ds and "WindowWidth" in ds:
-        values = apply_voi_lut(values, ds)
-    values = _to_unit(np.asarray(values))
+        values = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
+        # scale by the window's own output range (what values far below / above it map to), not by the
+        # image's min and max: a min-max stretch would undo the window for images that do not fill it
+        lo, hi = (float(v) for v in apply_voi_lut(np.array([-1e12, 1e12]), ds))
+        if hi <= lo or not np.isfinite([lo, hi]).all():
+            raise ValueError(f"degenerate VOI window (output range {lo}..{hi})")
+        values = np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    else:
+        values = _to_unit(np.asarray(values))
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         values = 1.0 - values
     return values

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .io import read_image
+from .io import _to_unit, read_image
 
 
 @dataclass(frozen=True)
@@ -42,13 +42,18 @@ class Preprocess:
         if isinstance(image, (str, Path)):
             a = read_image(image)
         elif isinstance(image, np.ndarray):
-            a = image.astype(np.float32)
             if image.dtype == np.uint8:
-                a = a / 255.0
+                a = image.astype(np.float32) / 255.0
+            elif np.issubdtype(image.dtype, np.integer):   # e.g. uint16: min-max, as read_image does
+                a = _to_unit(image)
+            else:                                          # float (and bool) arrays are taken as [0, 1]
+                a = image.astype(np.float32)
         elif hasattr(image, "convert"):  # PIL.Image
-            a = np.asarray(image.convert("RGB" if image.mode not in ("L", "I;16", "I", "F") else image.mode),
-                           dtype=np.float32)
-            a = a / 255.0 if image.mode in ("L", "RGB", "RGBA", "P") else a
+            if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):   # 16/32-bit: min-max, as read_image does
+                a = _to_unit(np.asarray(image))
+            else:   # every 8-bit mode (L, LA, 1, P, RGB, RGBA, CMYK, YCbCr, ...) as 8-bit L or RGB
+                a = np.asarray(image.convert("L" if image.mode in ("L", "LA", "1") else "RGB"),
+                               dtype=np.float32) / 255.0
         else:
             raise ValueError(f"cannot preprocess {type(image).__name__}: give a path, PIL image or numpy array")
         if a.ndim == 3 and a.shape[-1] == 4:

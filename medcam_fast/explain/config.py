@@ -1,7 +1,7 @@
 """MedCAMConfig: every knob of a Med-CAM fit, with the fast defaults and the paper's reference set."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 MODES = ("fast", "reference")
 BACKGROUNDS = ("counterfactual", "gaussian", "uniform", "blur", "shuffle", "constant")

@@ -79,7 +79,7 @@ def card_markdown(card: dict) -> str:
         lines.append(f"- **Cite:** {d['citation']}")
     lines += [f"- **Licence of the data:** {d['licence']}.", f"- **Caveat:** {d['caveat']}", "",
               "## Accuracy", "",
-              f"| split | n | accuracy | balanced accuracy | " + " | ".join(f"recall {n}" for n in names) + " |",
+              "| split | n | accuracy | balanced accuracy | " + " | ".join(f"recall {n}" for n in names) + " |",
               "|---|---:|---:|---:|" + "---:|" * len(names)]
     for split, r in (("val", val), ("test", test)):
         lines.append(f"| {split} | {r['n']} | {r['accuracy']:.3f} | {r['balanced_accuracy']:.3f} | "

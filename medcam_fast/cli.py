@@ -1,0 +1,241 @@
+"""``medcam-fast``: the command line. A thin layer over the package: it parses arguments, loads a
+classifier from a SPEC, reads the inputs with :mod:`medcam_fast.data`, runs one :class:`Explainer`
+per batch and writes the report with :mod:`medcam_fast.report`.
+
+Model SPECs (``--model``): ``demo``, ``timm:<arch>:<weights.safetensors>[:<num_classes>]``, a
+TorchScript file or a torch.export ``.pt2`` file; see :mod:`medcam_fast.models.loading`. Pickled
+checkpoints are refused (unpickling can run arbitrary code). TorchScript and torch.export models need
+``--size`` (and ``--mean``/``--std``, default 0 and 1).
+
+Exit codes: 0 ok; 2 bad usage or input (the message, no traceback); 1 some inputs of a run failed
+(each named, the others still written); 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from .models.loading import InputOptions, load_model
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"bad --device {name!r}: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here (torch {torch.__version__})")
+    return dev
+
+
+def _inputs(args) -> InputOptions:
+    return InputOptions(args.size, args.mean, args.std, getattr(args, "classes", None))
+
+
+def _config(steps: int | None):
+    from .explain import MedCAMConfig
+
+    cfg = MedCAMConfig()
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {steps}")
+        cfg = cfg.replace(steps=steps, min_steps=min(cfg.min_steps, steps))
+    return cfg
+
+
+def cmd_demo(args) -> int:
+    from . import data
+    from .report import explain_to_report
+
+    device = _device(args.device)
+    loaded = load_model("demo", _inputs(args), device)
+    items = data.samples()
+    attribution = (data.SAMPLES_DIR / "ATTRIBUTION").read_text().splitlines()[0:3]
+    notes = ["Bundled samples: " + " ".join(line.strip() for line in attribution)]
+    return explain_to_report(loaded, items, [], Path(args.out), _config(args.steps), device, args.seed,
+                       batch=len(items), target=None, title="medcam-fast demo: brain MRI", notes=notes,
+                       command=args.argv)
+
+
+def cmd_explain(args) -> int:
+    from .data.collect import collect_inputs
+    from .report import explain_to_report
+
+    device = _device(args.device)
+    loaded = load_model(args.model, _inputs(args), device)
+    if args.target is not None and not 0 <= args.target < len(loaded.class_names):
+        raise ValueError(f"--target {args.target} is outside 0..{len(loaded.class_names) - 1}")
+    items, failures = collect_inputs(args.input, args.mask_dir, args.split)
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    return explain_to_report(loaded, items, failures, Path(args.out), _config(args.steps), device, args.seed,
+                       batch=args.batch, target=args.target, title=f"medcam-fast: {loaded.description}",
+                       notes=list(loaded.notes), command=args.argv)
+
+
+def cmd_info(args) -> int:
+    import platform
+
+    from . import __version__, build_info
+
+    print(f"medcam_fast {__version__} (python {platform.python_version()}, {platform.platform()})")
+    print("build_info:")
+    for k, v in build_info().items():
+        print(f"  {k}: {v}")
+    for name in ("torch", "torchvision", "timm", "onnxruntime"):
+        try:
+            version = __import__(name).__version__
+        except ImportError:
+            version = "not installed"
+        print(f"{name}: {version}")
+    print("devices:")
+    print(f"  cpu ({torch.get_num_threads()} torch threads)")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"  cuda:{i} {torch.cuda.get_device_name(i)}")
+    else:
+        print(f"  no CUDA device (torch built with CUDA {torch.version.cuda})")
+    try:
+        import onnxruntime as ort
+
+        print(f"onnxruntime providers: {', '.join(ort.get_available_providers())}")
+    except ImportError:
+        print("onnxruntime providers: onnxruntime not installed")
+    try:
+        from . import zoo
+
+        card = zoo.card()
+        test = card.get("metrics", {}).get("test", {})
+        print(f"demo classifier: {zoo.DEMO} ({', '.join(card['class_names'])}; test accuracy "
+              f"{test.get('accuracy', float('nan')):.3f})")
+    except (ValueError, KeyError, TypeError) as exc:
+        print(f"demo classifier: not available ({exc})")
+    return 0
+
+
+def cmd_export_onnx(args) -> int:
+    from .onnx import OnnxParityError, export_classifier
+
+    device = _device(args.device)
+    loaded = load_model(args.model, _inputs(args), device)
+    pre = loaded.preprocess
+    gen = torch.Generator().manual_seed(args.seed)
+    example = pre.normalise(torch.rand(2, pre.in_chans, *pre.input_size, generator=gen)).to(device)
+    exporter = args.exporter or loaded.onnx_exporter or "dynamo"
+    if loaded.onnx_exporter and exporter != loaded.onnx_exporter:
+        print(f"medcam-fast: note: {loaded.description} exports with the {loaded.onnx_exporter} exporter only",
+              file=sys.stderr)
+        exporter = loaded.onnx_exporter
+    try:
+        model = loaded.model if loaded.onnx_model is None else loaded.onnx_model.to(device)
+        report = export_classifier(model, example, args.out, exporter=exporter)
+    except OnnxParityError as exc:
+        print(exc.report)
+        print("medcam-fast: ONNX parity check failed (file left for inspection)", file=sys.stderr)
+        return 1
+    print(report)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- parser
+def _floats(text: str) -> list:
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _size(text: str) -> tuple:
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[x,]\s*(\d+))?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}")
+    h = int(m.group(1))
+    return (h, int(m.group(2)) if m.group(2) else h)
+
+
+def _add_common(p, model: bool = True) -> None:
+    if model:
+        p.add_argument("--model", required=True, metavar="SPEC",
+                       help="demo | timm:<arch>:<weights.safetensors>[:<num_classes>] | a TorchScript file | a "
+                            "torch.export .pt2 file (pickled .pth/.pt/.ckpt/.pkl checkpoints are refused)")
+    p.add_argument("--size", type=_size, default=None, metavar="N|HxW",
+                   help="model input size (required for TorchScript/torch.export models; overrides timm's)")
+    p.add_argument("--mean", type=_floats, default=None, metavar="M[,M,M]",
+                   help="normalisation mean per channel (default: timm's config, else 0)")
+    p.add_argument("--std", type=_floats, default=None, metavar="S[,S,S]",
+                   help="normalisation std per channel (default: timm's config, else 1)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the explainer (same seed, same masks)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="medcam-fast", description="Med-CAM: the smallest binary region of a "
+                                 "medical image that on its own keeps a classifier's diagnosis, checked.",
+                                 epilog="exit codes: 0 ok, 1 some inputs failed, 2 bad usage or input")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="explain the bundled brain MRI samples with the bundled classifier")
+    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    p.add_argument("--steps", type=int, default=None, help="fit steps (overrides MedCAMConfig.steps)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the explainer (same seed, same masks)")
+    p.set_defaults(func=cmd_demo, size=None, mean=None, std=None)
+
+    p = sub.add_parser("explain", help="explain image files, class folders or split.csv/labels.csv")
+    _add_common(p)
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="PNG/JPEG/DICOM/NIfTI files, folders (of class subfolders, or of images), or the "
+                        "shared-data split.csv (brain_mri) / labels.csv (isic2018)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--steps", type=int, default=None, help="fit steps (overrides MedCAMConfig.steps)")
+    p.add_argument("--target", type=int, default=None, help="class index to explain (default: the top-1 label)")
+    p.add_argument("--classes", default=None, help="class names, comma-separated (a,b,c)")
+    p.add_argument("--mask-dir", default=None, help="ground-truth masks: <mask-dir>/<image stem>.<png|jpg|...>")
+    p.add_argument("--split", default=None, help="with a CSV input: only this split (train/val/test)")
+    p.add_argument("--batch", type=int, default=16, help="images per Explainer call (default 16)")
+    p.set_defaults(func=cmd_explain)
+
+    sub.add_parser("info", help="versions, build info, devices, onnxruntime providers").set_defaults(func=cmd_info)
+
+    p = sub.add_parser("export-onnx", help="export a classifier to ONNX and check it against torch")
+    _add_common(p)
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--exporter", choices=("dynamo", "legacy"), default=None,
+                   help="ONNX exporter (default: dynamo; TorchScript models: legacy)")
+    p.set_defaults(func=cmd_export_onnx)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``medcam-fast``; returns the exit code (argparse usage errors give 2)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:        # --help (0) and usage errors (2)
+        return int(exc.code or 0)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    try:
+        return args.func(args)
+    except ValueError as exc:        # bad input: the package's message, no traceback
+        print(f"medcam-fast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medcam-fast: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:          # e.g. `medcam-fast info | head`: stop quietly, as the Python docs advise
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
