@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-_INFO_PATH = Path(__file__).with_name("_build_info.json")
+# MEDCAM_FAST_BUILD_INFO points elsewhere (tests of the fallback use a missing file)
+_INFO_PATH = Path(os.environ.get("MEDCAM_FAST_BUILD_INFO", Path(__file__).with_name("_build_info.json")))
 _state: dict | None = None
 
 

@@ -38,6 +38,7 @@ class MedCAMConfig:
     tv: float = 2.0
     tv_diagonal: bool = True
     rob: float = 2.0
+    rob_draws: int = 1               # backgrounds per image per step in the robustness term
     # --- backgrounds r of the robustness term (a new draw each step) and the evidence baseline
     background: str = "counterfactual"
     baseline: float = 0.0            # value of "removed" pixels, in the model's input space
@@ -45,10 +46,12 @@ class MedCAMConfig:
     unet_widths: tuple[int, ...] = (16, 32, 64)
     unet_scale: int = 2              # predict at 1/scale resolution, upsample the logits
     unet_batching: str = "grouped"   # N U-Nets as grouped convolutions, a loop, or torch.func.vmap
+    unet_upsample: str = "bilinear"  # "bilinear" (x2 + 1x1 conv) or "transpose" (ConvTranspose2d, the paper)
     init_bias: float = 2.0           # initial mask logit: start from (almost) the whole image
     logit_bound: float = 0.0         # mask logits are B*tanh(l/B) (0: unbounded, as the paper)
     standardise: float = 3.0         # logits = s * standardised U-Net map + per-image offset (0: raw, as the paper)
     offset_lr_scale: float = 20.0    # learning-rate factor of that offset
+    std_floor: float = 1.0           # standardise by std + floor: a flat map stays flat (no amplified noise)
     mask_temperature: float = 1.0
     st_slope: float = 0.25           # straight-through gradient d m / d logit (0: the soft mask's, as the paper)
     binarize: str = "stochastic"     # "threshold" (the paper), "stochastic" (random thresholds, annealed), "soft"
@@ -97,6 +100,8 @@ class MedCAMConfig:
             raise ValueError("steps, check_every and max_batch must be >= 1")
         if not 0 < self.threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.rob_draws < 1:
+            raise ValueError(f"rob_draws must be >= 1, got {self.rob_draws}")
         if self.n_robust < 1:
             raise ValueError("n_robust must be >= 1")
         for name in ("lambda_am", "lambda_min", "lambda_rob", "act", "kl", "ce", "area", "bin", "tv", "rob"):
@@ -124,7 +129,8 @@ def reference_config(**changes) -> MedCAMConfig:
         am_metric="paper", lambda_am=1.0, lambda_min=1.0, lambda_rob=1.0,
         act=10.0, ce=15.0, kl=5.0, kl_temperature=2.0, area=100.0, bin=1.0, tv=500.0, tv_diagonal=True,
         rob=100.0, background="gaussian", baseline=0.0,
-        unet_widths=(32, 64, 128, 256, 512), unet_scale=1, init_bias=0.0, logit_bound=0.0, standardise=0.0,
+        unet_widths=(32, 64, 128, 256, 512), unet_scale=1, unet_upsample="transpose", init_bias=0.0,
+        logit_bound=0.0, standardise=0.0,
         steps=880, lr=5e-5, st_slope=0.0, binarize="threshold", ce_mode="plain", check_every=880, min_steps=880, repair=False, minimal_search=False,
     )
     return replace(cfg, **changes)

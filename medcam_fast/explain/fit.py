@@ -63,22 +63,37 @@ def straight_through(mask_logits: torch.Tensor, cfg: MedCAMConfig, progress: flo
     return soft, hard + soft - soft.detach()
 
 
-def fast_loss(clf, x, label, m, mask_logits, background, targets, cfg: MedCAMConfig, metrics):
-    """Per-image loss ``[N]`` and the evidence/robust logits, from one classifier pass over [e; e~]."""
+def compose_all(x, m, baseline, backgrounds: list[torch.Tensor]) -> torch.Tensor:
+    """``[(1+K)N,C,H,W]``: e, then e~ for each of the K backgrounds, all through the fused op
+    (a second call takes two backgrounds at once: one as its "baseline", one as its background)."""
+    parts = [ops.compose(x, m, baseline, backgrounds[0])]
+    rest = backgrounds[1:]
+    for i in range(0, len(rest) - 1, 2):
+        parts.append(ops.compose(x, m, rest[i], rest[i + 1]))
+    if len(rest) % 2:
+        parts.append(ops.compose(x, m, rest[-1], rest[-1])[: x.shape[0]])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def fast_loss(clf, x, label, m, mask_logits, backgrounds, targets, cfg: MedCAMConfig, metrics):
+    """Per-image loss ``[N]`` and the evidence/robust logits (``[N,K]`` argmax-kept for the robust
+    ones), from one classifier pass over [e; e~_1 .. e~_K]."""
     target_logits, target_feats, target_scales = targets
     n = x.shape[0]
-    batch = ops.compose(x, m, cfg.baseline, background)
+    batch = compose_all(x, m, cfg.baseline, backgrounds)
     logits, feats = clf.forward(batch, with_activations=True)
     out_e, out_r = logits[:n], logits[n:]
+    label_r = label.repeat(len(backgrounds))
     am = losses.activation_matching([f[:n] for f in feats], target_feats, target_scales, clf.weights, metrics)
     if cfg.ce_mode == "hinge":
         # e: as confident as x (up to p = keep_prob); e~: p(label) >= keep_prob on other context
         floor = -math.log(cfg.keep_prob)
         ce_e = losses.label_ce_hinge(out_e, label, losses.label_ce(target_logits, label).clamp(max=floor))
-        ce_r = losses.label_ce_hinge(out_r, label, floor)
+        ce_r = losses.label_ce_hinge(out_r, label_r, floor)
     else:
         ce_e = losses.label_ce(out_e, label, cfg.ce_temperature)
-        ce_r = losses.label_ce(out_r, label, cfg.ce_temperature)
+        ce_r = losses.label_ce(out_r, label_r, cfg.ce_temperature)
+    ce_r = ce_r.view(len(backgrounds), n).mean(0)
     keep = cfg.act * am + cfg.kl * losses.kl_to_input(out_e, target_logits, cfg.kl_temperature) + cfg.ce * ce_e
     if cfg.st_slope > 0:
         # the priors see the soft mask with the same constant slope as the ST mask: pushes up and
@@ -91,7 +106,8 @@ def fast_loss(clf, x, label, m, mask_logits, background, targets, cfg: MedCAMCon
     minimal = cfg.area * pri[:, 0] + cfg.bin * pri[:, 1] + cfg.tv * pri[:, 2]
     robust = cfg.rob * ce_r
     loss = cfg.lambda_am * keep + cfg.lambda_min * minimal + cfg.lambda_rob * robust
-    return loss, out_e.detach(), out_r.detach()
+    kept_r = (out_r.detach().argmax(1) == label_r).view(len(backgrounds), n).all(0)
+    return loss, out_e.detach(), kept_r
 
 
 def fit_fast(clf, x, label, targets, sampler: BackgroundSampler, cfg: MedCAMConfig, seed: int) -> FitResult:
@@ -103,7 +119,8 @@ def fit_fast(clf, x, label, targets, sampler: BackgroundSampler, cfg: MedCAMConf
     """
     n_all, device = x.shape[0], x.device
     unet = StackedUNet(n_all, x.shape[1], cfg.unet_widths, cfg.unet_scale, cfg.init_bias, seed, device,
-                       x.dtype, cfg.logit_bound, cfg.standardise, cfg.unet_batching).requires_grad_()
+                       x.dtype, cfg.logit_bound, cfg.standardise, cfg.unet_batching, cfg.unet_upsample,
+                       cfg.std_floor).requires_grad_()
     opt = StackedAdam(unet.parameters(), cfg.lr, lr_scale=unet.lr_scales(cfg.offset_lr_scale))
     metrics = layer_metrics(cfg, len(clf.layers))
     final = torch.empty(n_all, 1, *x.shape[2:], device=device, dtype=x.dtype)
@@ -118,10 +135,11 @@ def fit_fast(clf, x, label, targets, sampler: BackgroundSampler, cfg: MedCAMConf
         mask_logits = unet(xa)
         noise = sampler.uniform_like(mask_logits) if cfg.binarize in ("stochastic", "rank") else None
         _, m = straight_through(mask_logits, cfg, (step - 1) / cfg.steps, noise)
-        loss, out_e, out_r = fast_loss(clf, xa, ya, m, mask_logits, sampler.draw(), ta, cfg, metrics)
+        backgrounds = [sampler.draw() for _ in range(cfg.rob_draws)]
+        loss, out_e, kept_r = fast_loss(clf, xa, ya, m, mask_logits, backgrounds, ta, cfg, metrics)
         loss.sum().backward()
         opt.step()
-        kept_acc &= (out_e.argmax(1) == ya) & (out_r.argmax(1) == ya)
+        kept_acc &= (out_e.argmax(1) == ya) & kept_r
         last = step == cfg.steps
         if step % cfg.check_every and not last:
             continue

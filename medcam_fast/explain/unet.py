@@ -34,6 +34,7 @@ class StackedUNet:
         standardise: when > 0, logits are ``standardise * z + offset``: z the network's output
             standardised per image, offset one learned scalar per image (init ``init_bias``). Adam
             on a ReLU U-Net otherwise spends its steps shifting the whole map up or down.
+        upsample: "transpose" (ConvTranspose2d, as the paper) or "bilinear" (x2 then a 1x1 conv).
         batching: how the G networks run: "grouped" (one grouped convolution per layer), "loop"
             (one ordinary convolution per network) or "vmap" (torch.func.vmap over the group axis).
         seed: every group gets the same initial weights from this seed, so a batched fit
@@ -41,7 +42,8 @@ class StackedUNet:
     """
 
     def __init__(self, groups, in_chans, widths=(16, 32, 64), scale=1, init_bias=0.0, seed=0,
-                 device=None, dtype=torch.float32, logit_bound=0.0, standardise=0.0, batching="grouped"):
+                 device=None, dtype=torch.float32, logit_bound=0.0, standardise=0.0, batching="grouped",
+                 upsample="transpose", std_floor=1e-6):
         if len(widths) < 1:
             raise ValueError("unet widths must name at least one level")
         self.groups, self.in_chans, self.widths, self.scale = groups, in_chans, tuple(widths), scale
@@ -50,6 +52,10 @@ class StackedUNet:
         if batching not in ("grouped", "loop", "vmap"):
             raise ValueError(f"batching must be 'grouped', 'loop' or 'vmap', got {batching!r}")
         self.batching = batching
+        if upsample not in ("transpose", "bilinear"):
+            raise ValueError(f"upsample must be 'transpose' or 'bilinear', got {upsample!r}")
+        self.upsample = upsample
+        self.std_floor = float(std_floor)
         gen = torch.Generator().manual_seed(int(seed))
         p: dict[str, torch.Tensor] = {}
         cin = in_chans
@@ -59,10 +65,12 @@ class StackedUNet:
             cin = w
         for i in reversed(range(len(widths) - 1)):
             w_up, w = widths[i + 1], widths[i]
-            # ConvTranspose2d weight layout: [cin, cout, k, k]
-            wt = torch.randn(w_up, w, 2, 2, generator=gen, dtype=torch.float64) * math.sqrt(2.0 / (w_up * 4))
-            p[f"up{i}.w"] = wt.to(device, dtype).expand(groups, -1, -1, -1, -1).clone()
-            p[f"up{i}.b"] = torch.zeros(groups, w, device=device, dtype=dtype)
+            if upsample == "transpose":  # ConvTranspose2d(2, stride 2); weight layout [cin, cout, k, k]
+                wt = torch.randn(w_up, w, 2, 2, generator=gen, dtype=torch.float64) * math.sqrt(2.0 / (w_up * 4))
+                p[f"up{i}.w"] = wt.to(device, dtype).expand(groups, -1, -1, -1, -1).clone()
+                p[f"up{i}.b"] = torch.zeros(groups, w, device=device, dtype=dtype)
+            else:  # bilinear x2, then a 1x1 conv: no checkerboard pattern
+                p[f"up{i}.w"], p[f"up{i}.b"] = _conv_params(gen, groups, w_up, w, 1, device, dtype)
             p[f"dec{i}.w1"], p[f"dec{i}.b1"] = _conv_params(gen, groups, 2 * w, w, 3, device, dtype)
             p[f"dec{i}.w2"], p[f"dec{i}.b2"] = _conv_params(gen, groups, w, w, 3, device, dtype)
         p["head.w"], p["head.b"] = _conv_params(gen, groups, widths[0], 1, 1, device, dtype, std=0.01, bias=init_bias)
@@ -108,8 +116,10 @@ class StackedUNet:
     def _double(self, p, h, name):
         return F.relu(self._conv(p, F.relu(self._conv(p, h, name, "1")), name, "2"))
 
-    @staticmethod
-    def _up(p, h, i):
+    def _up(self, p, h, i):
+        if self.upsample == "bilinear":
+            h = F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False)
+            return self._conv(p, h, f"up{i}", padding=0)
         w, b = p[f"up{i}.w"], p[f"up{i}.b"]
         g = w.shape[0]
         return F.conv_transpose2d(h, w.reshape(g * w.shape[1], *w.shape[2:]), b.reshape(-1), stride=2, groups=g)
@@ -160,7 +170,8 @@ class StackedUNet:
         logits = logits[:, :, :h, :w]
         if self.standardise > 0:
             flat = logits.flatten(1)
-            z = (flat - flat.mean(1, keepdim=True)) / (flat.std(1, keepdim=True) + 1e-6)
+            # a std floor keeps a still-flat map flat instead of blowing its noise up to unit size
+            z = (flat - flat.mean(1, keepdim=True)) / (flat.std(1, keepdim=True) + self.std_floor)
             logits = (self.standardise * z + self.params["offset"]).view_as(logits)
         if self.logit_bound > 0:  # B * tanh(l / B): no runaway logits, ranking kept
             logits = self.logit_bound * torch.tanh(logits / self.logit_bound)

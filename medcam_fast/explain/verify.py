@@ -35,7 +35,7 @@ def candidate_masks(mask_logits: torch.Tensor, threshold_logit: float, areas) ->
     order = flat.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(h * w, device=flat.device).expand(n, -1))
-    tops = [rank < max(1, int(round(a * h * w))) for a in areas]
+    tops = [rank < max(1, int(a * h * w)) for a in areas]  # floor: a "top a" mask never exceeds a
     masks = torch.stack([thr, *tops], dim=1).view(n, -1, h, w)
     return masks, ["threshold"] + [f"top {a:.1%}" for a in areas]
 

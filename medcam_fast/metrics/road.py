@@ -23,6 +23,25 @@ def _neighbour_kernel(dtype, device) -> Tensor:
 
 
 @torch.no_grad()
+def _coarse_guess(x: Tensor, known: Tensor, tol: float, max_iter: int, work: torch.dtype) -> Tensor:
+    """A starting point for CG: the same fill solved on a 2x coarser grid (recursively), upsampled.
+
+    CG needs O(hole diameter) iterations from a flat start; the coarse solution removes the smooth
+    part of the error first (a multigrid-style warm start). It changes where CG starts, not the
+    system it solves, so the result is the same up to ``tol``. Below 16 px: the known pixels' mean.
+    """
+    n_known = known.sum(dim=(1, 2, 3), keepdim=True)
+    mean = (x * known).sum(dim=(1, 2, 3), keepdim=True) / n_known.clamp_min(1)
+    h, w = x.shape[-2:]
+    if min(h, w) < 32 or h % 2 or w % 2:
+        return mean.expand_as(x)
+    k_c = F.avg_pool2d(known, 2)
+    x_c = F.avg_pool2d(x * known, 2) / k_c.clamp_min(1e-12)
+    known_c = (k_c > 0).to(x.dtype)
+    coarse = _solve_linear_fill(x_c * known_c, 1.0 - known_c, tol, max_iter, work)
+    return F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)
+
+
 def _solve_linear_fill(x: Tensor, unknown: Tensor, tol: float, max_iter: int, work: torch.dtype) -> Tensor:
     """Jacobi-preconditioned conjugate gradient, one independent system per row of x ``[S,1,H,W]``.
 
@@ -52,9 +71,7 @@ def _solve_linear_fill(x: Tensor, unknown: Tensor, tol: float, max_iter: int, wo
     tiny = torch.finfo(work).tiny
     inv_d = ops[work][2] / ops[work][1].clamp_min(tiny)
     b = unknown * F.conv2d(x * known, ops[torch.float64][0], padding=1)
-    # start from the mean of the known pixels (0 when none: the singular all-removed case)
-    n_known = known.sum(dim=(1, 2, 3), keepdim=True)
-    v = unknown * (x * known).sum(dim=(1, 2, 3), keepdim=True) / n_known.clamp_min(1)
+    v = unknown * _coarse_guess(x, known, tol, max_iter, work)
     r = (b - matvec(v)).to(work)
     z = inv_d * r
     p = z
