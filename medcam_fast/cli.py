@@ -145,6 +145,34 @@ def cmd_export_onnx(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- parser
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate_dataset
+    from .evaluation.summary import markdown_table
+
+    bar = None
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(unit="image", dynamic_ncols=True)
+    except ImportError:
+        pass
+
+    def progress(method: str, n: int) -> None:
+        if bar is not None:
+            bar.set_description(method)
+            bar.update(n)
+
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    summary = evaluate_dataset(args.dataset, args.data, args.classifier, args.out, n=args.n, methods=methods,
+                               reference_images=args.reference_images, sanity_images=args.sanity_images,
+                               seed=args.seed, batch=args.batch, weights_dir=args.weights_dir, progress=progress)
+    if bar is not None:
+        bar.close()
+    print(markdown_table({k: v for k, v in summary.items() if not k.startswith("_")}))
+    print(f"wrote {Path(args.out) / 'results.md'} and results.json")
+    return 0
+
+
 def _floats(text: str) -> list:
     try:
         return [float(v) for v in text.replace(" ", "").split(",") if v]
@@ -210,6 +238,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=("dynamo", "legacy"), default=None,
                    help="ONNX exporter (default: dynamo; TorchScript models: legacy)")
     p.set_defaults(func=cmd_export_onnx)
+
+    p = sub.add_parser("evaluate", help="Med-CAM against the Grad-CAM family on a test split with lesion masks")
+    p.add_argument("--dataset", choices=("brain_mri", "isic2018"), required=True)
+    p.add_argument("--data", required=True, help="the dataset folder (with split.csv or labels.csv)")
+    p.add_argument("--classifier", default="brain_mri_mobilenetv2", help="a classifier trained by "
+                   "benchmarks/train_classifier.py (name of its card)")
+    p.add_argument("--weights-dir", default=None, help="folder of that card (default: the bundled zoo)")
+    p.add_argument("--out", required=True, help="report folder (rerun the same command to resume)")
+    p.add_argument("--n", type=int, default=100, help="test images (seeded draw; default 100)")
+    p.add_argument("--methods", default=None, help="comma list (default: medcam, medcam_plain, medcam_reference and the six CAMs)")
+    p.add_argument("--reference-images", type=int, default=3, help="images for the slow reference mode")
+    p.add_argument("--sanity-images", type=int, default=8, help="images for the randomisation check (0: skip)")
+    p.add_argument("--batch", type=int, default=16, help="images per Med-CAM call")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_evaluate)
     return ap
 
 

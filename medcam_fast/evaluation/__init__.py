@@ -58,7 +58,7 @@ def evaluate_dataset(dataset: str, root, classifier: str, out_dir, n: int = 100,
     pool, _, pool_ids = load_split(dataset, root, "val", prep, pool_size, seed + 1)
     x_val, gt_val, _ = load_split(dataset, root, "val", prep, tune_size, seed + 2, skip=pool_ids)
     data = EvalSet(dataset, x, ids, gt, pool, x_val, gt_val)
-    methods = tuple(methods or ("medcam", "medcam_reference") + CAM_METHODS)
+    methods = tuple(methods or ("medcam", "medcam_plain", "medcam_reference") + CAM_METHODS)
     options = EvalOptions(methods=methods, reference_images=reference_images, batch=batch, seed=seed)
     ev = Evaluation(model, data, out_dir, options, progress=progress)
     records = ev.run(methods)
@@ -73,7 +73,8 @@ def evaluate_dataset(dataset: str, root, classifier: str, out_dir, n: int = 100,
         f"{test_acc.get('accuracy', float('nan')):.3f}, balanced {test_acc.get('balanced_accuracy', float('nan')):.3f}",
         f"the blank (baseline) image is classified as '{class_names[ev.null_label]}': for images of that class "
         "an empty mask already 'keeps' the label",
-        f"Med-CAM fast: default MedCAMConfig; reference mode on {reference_images} image(s)",
+        f"Med-CAM fast: default MedCAMConfig; medcam_plain: plain_config() (the straightforward 'before' "
+        f"Med-CAM); reference mode on {reference_images} image(s)",
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; run {datetime.datetime.now():%Y-%m-%d %H:%M}",
         "slice-level split: slices of one patient may sit in train and test (see the data README)"

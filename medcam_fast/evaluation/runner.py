@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import metrics
-from ..explain import Explainer, MedCAMConfig, reference_config
+from ..explain import Explainer, MedCAMConfig, plain_config, reference_config
 from .sufficiency import SWEEP, area_to_sufficiency, kept_robust_of_masks, pick_backgrounds, sufficiency_curve
 
 ROAD_PERCENTILES = (10, 30, 50, 70, 90)
@@ -45,6 +45,7 @@ class EvalOptions:
     seed: int = 0
     medcam: MedCAMConfig = field(default_factory=MedCAMConfig)
     reference: MedCAMConfig = field(default_factory=reference_config)
+    plain: MedCAMConfig = field(default_factory=plain_config)
 
 
 def _load_done(path: Path) -> dict:
@@ -138,9 +139,11 @@ class Evaluation:
         return out
 
     # ------------------------------------------------------------------ methods
-    def run_medcam(self, mode: str = "fast") -> None:
-        method = "medcam" if mode == "fast" else "medcam_reference"
-        cfg = self.opt.medcam if mode == "fast" else self.opt.reference
+    def run_medcam(self, method: str = "medcam") -> None:
+        """``medcam`` (fast defaults), ``medcam_plain`` (the straightforward "before" config) or
+        ``medcam_reference`` (the paper's procedure, on the first ``reference_images`` images)."""
+        mode = "reference" if method == "medcam_reference" else "fast"
+        cfg = {"medcam": self.opt.medcam, "medcam_plain": self.opt.plain, "medcam_reference": self.opt.reference}[method]
         cfg = cfg.replace(batch_as_reference=False, n_robust=self.opt.n_robust)
         limit = None if mode == "fast" else self.opt.reference_images
         todo = self._todo(method, limit)
@@ -205,10 +208,9 @@ class Evaluation:
 
     def run(self, methods=None) -> list[dict]:
         methods = methods or self.opt.methods
-        if "medcam" in methods:
-            self.run_medcam("fast")
-        if "medcam_reference" in methods:
-            self.run_medcam("reference")
+        for method in ("medcam", "medcam_plain", "medcam_reference"):
+            if method in methods:
+                self.run_medcam(method)
         cams = [m for m in methods if m in CAM_METHODS]
         if cams:
             thresholds = self.cam_thresholds()

@@ -46,7 +46,7 @@ def summarise(records: list[dict]) -> dict[str, dict]:
 
 
 def markdown_table(summary: dict[str, dict]) -> str:
-    order = ["medcam", "medcam_reference"] + sorted(m for m in summary if not m.startswith("medcam"))
+    order = ["medcam", "medcam_plain", "medcam_reference"] + sorted(m for m in summary if not m.startswith("medcam"))
     lines = ["| method | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
              "|---|" + "---:|" * len(COLUMNS)]
     for m in [m for m in order if m in summary]:
@@ -73,7 +73,7 @@ def figures(records: list[dict], summary: dict[str, dict], out_dir: Path) -> lis
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m for m in ["medcam", "medcam_reference"] + sorted(summary) if m in summary]
+    methods = [m for m in ["medcam", "medcam_plain", "medcam_reference"] + sorted(summary) if m in summary]
     methods = list(dict.fromkeys(methods))
     names = []
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))

@@ -1,6 +1,6 @@
 """Med-CAM: the config, the U-Net, the losses, the fit loops, verification and the Explainer."""
-from .config import MedCAMConfig, reference_config
+from .config import MedCAMConfig, plain_config, reference_config
 from .explainer import Explainer, explain
 from .result import Explanation
 
-__all__ = ["Explainer", "Explanation", "MedCAMConfig", "explain", "reference_config"]
+__all__ = ["Explainer", "Explanation", "MedCAMConfig", "explain", "plain_config", "reference_config"]

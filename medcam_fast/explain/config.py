@@ -134,3 +134,14 @@ def reference_config(**changes) -> MedCAMConfig:
         steps=880, lr=5e-5, st_slope=0.0, binarize="threshold", ce_mode="plain", check_every=880, min_steps=880, repair=False, minimal_search=False,
     )
     return replace(cfg, **changes)
+
+
+def plain_config(**changes) -> MedCAMConfig:
+    """A straightforward fast Med-CAM, the "before" of the sufficiency work: the light U-Net for 150
+    steps with the seven terms, the paper's straight-through binarisation at 0.5, plain CE, gaussian
+    robustness backgrounds, and no counterfactual minimal-evidence search (the 0.5 mask is kept;
+    it is only enlarged when it does not keep the label). Kept for the before/after comparison."""
+    cfg = MedCAMConfig(background="gaussian", binarize="threshold", ce_mode="plain", st_slope=0.0, standardise=0.0,
+                       unet_upsample="transpose", init_bias=0.0, minimal_search=False, repair=True,
+                       min_steps=150, check_every=150)
+    return replace(cfg, **changes)
