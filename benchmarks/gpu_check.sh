@@ -32,8 +32,17 @@ log "CUDA tests exit $status"
 
 log "GPU benchmarks"
 mkdir -p "$OUT/json"
-timeout 200 $PY -m pytest -q benchmarks/bm_ops.py --bench-devices=cuda -p no:cacheprovider \
+# the target (N=8, 224x224) plus the extremes; every compiled twin costs a compile, so not the full grid
+timeout 200 $PY -m pytest -q benchmarks/bm_ops.py --bench-devices=cuda -p no:cacheprovider -k "8-224 or 1-64 or 32-512" \
   --benchmark-json="$OUT/json/ops_cuda.json" >"$OUT/bench_ops.log" 2>&1
 $PY benchmarks/make_table.py ops "$OUT/json/ops_cuda.json" --title "Fused ops on CUDA" >"$OUT/ops_cuda.md" && cat "$OUT/ops_cuda.md"
+log "GPU explain throughput (resnet18 and the demo classifier) and profile"
+timeout 200 $PY -m pytest -q benchmarks/bm_throughput.py --bench-devices=cuda -p no:cacheprovider \
+  -k "demo or resnet18" --benchmark-json="$OUT/json/throughput_cuda.json" \
+  >"$OUT/bench_throughput.log" 2>&1
+$PY benchmarks/make_table.py throughput "$OUT/json/throughput_cuda.json" --title "Throughput on CUDA" \
+  >"$OUT/throughput_cuda.md" && cat "$OUT/throughput_cuda.md"
+timeout 60 $PY benchmarks/profile_explain.py --device cuda --model resnet18 --size 224 --out "$OUT/profile_cuda.md" \
+  >"$OUT/profile.log" 2>&1 && head -40 "$OUT/profile_cuda.md"
 log "done"
 exit $status

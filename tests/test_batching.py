@@ -46,7 +46,8 @@ def test_batched_matches_one_by_one(setup):
     for i, one in enumerate(singles):
         row = type(batched)(**{k: (v[i:i + 1] if torch.is_tensor(v) else v) for k, v in vars(batched).items()})
         _same(row, one)
-        assert batched.steps[i] == one.steps[0]  # each image stops on its own
+        # each image stops on its own: within one check window of its one-by-one stop
+        assert abs(int(batched.steps[i]) - int(one.steps[0])) <= CFG.check_every
 
 
 def test_out_of_memory_halves_and_keeps_order(setup, monkeypatch):
@@ -100,3 +101,11 @@ def test_concurrent_calls_from_threads(setup):
     for i in range(4):
         _same(got[i], expect[i], tol_area=0.0, min_iou=1.0)  # same shapes: bitwise equal
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
+def test_bf16_autocast_path_runs(setup):
+    # amp=True on CPU exercises the autocast path (the ops' fp32 policy, fp32 losses); CUDA uses it by default
+    model, x, ref = setup
+    res = Explainer(model, CFG.replace(steps=20, min_steps=10, amp=True), reference=ref)(x[:1])
+    assert res.mask.shape == (1, 64, 64) and res.kept.dtype == torch.bool
+    assert torch.isfinite(res.soft_mask).all()

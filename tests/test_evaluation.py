@@ -78,3 +78,29 @@ def test_small_evaluation_run_resumes(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "| medcam |" in text and (tmp_path / "sufficiency_curve.png").stat().st_size > 0
     assert json.loads((tmp_path / "results.json").read_text())["summary"]["gradcam"]["n"] == 6
+
+
+def test_patchnet_saliency_is_a_method(tmp_path):
+    from medcam_fast.patchnet import PatchNet
+
+    # a fixed backbone: a patch scores class 1 by how far its brightest 3x3 block exceeds 0.7 (only the
+    # filled square does); class 0 is a constant 0.05, so images with the square are class 1
+    head = nn.Linear(1, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[0.0], [10.0]]))
+        head.bias.copy_(torch.tensor([0.05, -7.0]))
+    backbone = nn.Sequential(nn.AvgPool2d(3, stride=1), nn.AdaptiveMaxPool2d(1), nn.Flatten(), head, nn.ReLU())
+    model = PatchNet(backbone, 16, 2, 1).eval()
+    x, _, gt = make_planted(4, seed=51, positive_only=True)
+    xp, yp, _ = make_planted(24, seed=52)
+    with torch.no_grad():
+        assert model(x).argmax(1).tolist() == [1, 1, 1, 1] and set(model(xp).argmax(1).tolist()) == {0, 1}
+    data = EvalSet("planted", x, [f"p{i}" for i in range(4)], gt, xp, x, gt)
+    ev = Evaluation(model, data, tmp_path, EvalOptions(methods=("patchnet_raw", "patchnet_smooth"), batch=4,
+                                                       n_robust=2))
+    records = ev.run()
+    assert {r["method"] for r in records} == {"patchnet_raw", "patchnet_smooth"} and len(records) == 8
+    assert json.loads((tmp_path / "patchnet_thresholds.json").read_text()).keys() == {
+        "patchnet_raw", "patchnet_scaled", "patchnet_smooth"}
+    # the square's patch has the highest logit: its (blocky) map points at the square within 15 px
+    assert all(r["pointing"] == 1.0 for r in records if r["method"] == "patchnet_raw")

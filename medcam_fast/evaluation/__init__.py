@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .runner import CAM_METHODS, EvalOptions, EvalSet, Evaluation, run_sanity
+from .runner import CAM_METHODS, PATCHNET_METHODS, EvalOptions, EvalSet, Evaluation, run_sanity
 from .sufficiency import SWEEP, area_to_sufficiency, kept_robust_of_masks, pick_backgrounds, sufficiency_curve
 from .summary import summarise, write_report
 
-__all__ = ["CAM_METHODS", "EvalOptions", "EvalSet", "Evaluation", "SWEEP", "area_to_sufficiency",
+__all__ = ["CAM_METHODS", "PATCHNET_METHODS", "EvalOptions", "EvalSet", "Evaluation", "SWEEP", "area_to_sufficiency",
            "evaluate_dataset", "kept_robust_of_masks", "load_split", "pick_backgrounds", "run_sanity",
            "sufficiency_curve", "summarise", "write_report"]
 
@@ -36,33 +36,44 @@ def load_split(dataset: str, root, split: str, preprocess, n: int | None, seed: 
     return x, gt, [s.name for s in samples]
 
 
-def evaluate_dataset(dataset: str, root, classifier: str, out_dir, n: int = 100, methods=None,
-                     reference_images: int = 3, pool_size: int = 64, tune_size: int = 40, sanity_images: int = 8,
-                     seed: int = 0, batch: int = 16, weights_dir=None, progress=None) -> dict:
-    """Runs every method on ``n`` test images of ``dataset`` and writes the report to ``out_dir``.
-
-    Counterfactual backgrounds and CAM thresholds come from the val split (never the test split).
-    Resumable: finished images are read back from ``out_dir/records.jsonl``.
-    """
+def _load(classifier: str, weights_dir):
     from .. import zoo
 
     if weights_dir is not None:
         saved, zoo.WEIGHTS_DIR = zoo.WEIGHTS_DIR, Path(weights_dir)
     try:
         model, prep, class_names = zoo.load(classifier)
-        card = zoo.card(classifier)
+        return model, prep, class_names, zoo.card(classifier)
     finally:
         if weights_dir is not None:
             zoo.WEIGHTS_DIR = saved
+
+
+def evaluate_dataset(dataset: str, root, classifier: str, out_dir, n: int = 100, methods=None,
+                     reference_images: int = 3, pool_size: int = 64, tune_size: int = 40, sanity_images: int = 8,
+                     seed: int = 0, batch: int = 16, weights_dir=None, progress=None) -> dict:
+    """Runs every method on ``n`` test images of ``dataset`` and writes the report to ``out_dir``.
+
+    Counterfactual backgrounds and CAM thresholds come from the val split (never the test split).
+    Resumable: finished images are read back from ``out_dir/records.jsonl``. A PatchNet classifier
+    gets its own saliency methods (``patchnet_raw``, ``patchnet_scaled``, ``patchnet_smooth``).
+    """
+    model, prep, class_names, card = _load(classifier, weights_dir)
     x, gt, ids = load_split(dataset, root, "test", prep, n, seed)
     pool, _, pool_ids = load_split(dataset, root, "val", prep, pool_size, seed + 1)
     x_val, gt_val, _ = load_split(dataset, root, "val", prep, tune_size, seed + 2, skip=pool_ids)
     data = EvalSet(dataset, x, ids, gt, pool, x_val, gt_val)
-    methods = tuple(methods or ("medcam", "medcam_plain", "medcam_reference") + CAM_METHODS)
+    from ..patchnet import PatchNet
+
+    default = ("medcam", "medcam_plain", "medcam_reference") + CAM_METHODS
+    if isinstance(model, PatchNet):  # AblationCAM is undefined on per-patch layers
+        default = ("medcam", "gradcam", "gradcam++", "layercam") + PATCHNET_METHODS
+    methods = tuple(methods or default)
     options = EvalOptions(methods=methods, reference_images=reference_images, batch=batch, seed=seed)
     ev = Evaluation(model, data, out_dir, options, progress=progress)
     records = ev.run(methods)
-    sanity_methods = [m for m in methods if m in ("medcam",) + CAM_METHODS]
+    sanity_methods = [m for m in methods if m in ("medcam",) + CAM_METHODS + PATCHNET_METHODS[:1]
+                      and not (isinstance(model, PatchNet) and m == "ablationcam")]
     sanity = run_sanity(model, data, out_dir, sanity_methods, sanity_images, options.medcam, seed) \
         if sanity_images else {}
     test_acc = card.get("metrics", {}).get("test", {})

@@ -20,6 +20,7 @@ from ..explain import Explainer, MedCAMConfig, plain_config, reference_config
 from .sufficiency import SWEEP, area_to_sufficiency, kept_robust_of_masks, pick_backgrounds, sufficiency_curve
 
 ROAD_PERCENTILES = (10, 30, 50, 70, 90)
+PATCHNET_METHODS = ("patchnet_raw", "patchnet_scaled", "patchnet_smooth")
 CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "ablationcam")
 
 
@@ -194,6 +195,51 @@ class Evaluation:
             if self.progress:
                 self.progress(method, len(idx))
 
+    def run_patchnet(self, method: str) -> None:
+        """PatchNet's own saliency (the model must be a PatchNet): ``patchnet_raw``,
+        ``patchnet_scaled`` or ``patchnet_smooth`` (shifted grids at offset p/4), binarised with
+        the threshold tuned on val like the CAMs; its seconds include the extra backbone passes."""
+        from ..baselines import patchnet_saliency as ps
+
+        todo = self._todo(method)
+        p = self.model.patch_size
+        for s in range(0, len(todo), self.opt.batch):
+            idx = todo[s:s + self.opt.batch]
+            x, y = self.data.x[idx], self.label[idx]
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                if method == "patchnet_smooth":
+                    maps = ps.shifted_patch_saliency(self.model, x, max(1, p // 4), target=y).saliency
+                else:
+                    maps = ps.patch_saliency(self.model, x, target=y, mode=method.split("_")[1])
+            seconds = time.perf_counter() - t0
+            threshold = self.patch_thresholds().get(method, 0.5)
+            mask = metrics.binarise(maps, threshold)
+            records = self._score(method, idx, maps, mask, seconds, {"threshold": [threshold] * len(idx)})
+            self._cam_at_medcam_area(method, idx, maps, records)
+            self._append(records)
+            if self.progress:
+                self.progress(method, len(idx))
+
+    def patch_thresholds(self) -> dict[str, float]:
+        from ..baselines import patchnet_saliency as ps
+
+        path = self.out / "patchnet_thresholds.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        thresholds = {}
+        if self.data.x_val is not None:
+            with torch.no_grad():
+                yv = self.model(self.data.x_val).argmax(1)
+                p = self.model.patch_size
+                maps = {"patchnet_raw": ps.patch_saliency(self.model, self.data.x_val, yv, "raw"),
+                        "patchnet_scaled": ps.patch_saliency(self.model, self.data.x_val, yv, "scaled"),
+                        "patchnet_smooth": ps.shifted_patch_saliency(self.model, self.data.x_val, max(1, p // 4),
+                                                                     target=yv).saliency}
+            thresholds = {k: float(metrics.tune_threshold(v, self.data.gt_val)) for k, v in maps.items()}
+        path.write_text(json.dumps(thresholds, indent=2))
+        return thresholds
+
     def _cam_at_medcam_area(self, method, idx, maps, records) -> None:
         """kept_robust of the CAM's top-k pixels at Med-CAM's own area on the same image."""
         from ..baselines.gradcam import top_k_mask
@@ -216,6 +262,8 @@ class Evaluation:
             thresholds = self.cam_thresholds()
             for method in cams:
                 self.run_cam(method, thresholds.get(method, 0.5))
+        for method in [m for m in methods if m in PATCHNET_METHODS]:
+            self.run_patchnet(method)
         return list(self.done.values())
 
     def options_dict(self) -> dict:
@@ -244,7 +292,14 @@ def run_sanity(model, data: EvalSet, out_dir, methods, n_images: int = 8, medcam
 
     out = {}
     for method in methods:
-        fn = medcam_fn if method == "medcam" else (lambda m, xx, yy, meth=method: cam_maps(m, xx, yy, method=meth))
+        if method == "medcam":
+            fn = medcam_fn
+        elif method in PATCHNET_METHODS:
+            from ..baselines.patchnet_saliency import patch_saliency
+
+            fn = lambda m, xx, yy: patch_saliency(m, xx, yy, "raw")  # noqa: E731
+        else:
+            fn = lambda m, xx, yy, meth=method: cam_maps(m, xx, yy, method=meth)  # noqa: E731
         rows = metrics.cascading_randomisation(model, fn, x, label, stages=stages, seed=seed)
         out[method] = [{"stage": r["stage"], "iou": _f(r["iou"].nanmean()), "spearman": _f(r["spearman"].nanmean())}
                        for r in rows]

@@ -54,15 +54,14 @@ class MedCAMConfig:
     std_floor: float = 1.0           # standardise by std + floor: a flat map stays flat (no amplified noise)
     mask_temperature: float = 1.0
     st_slope: float = 0.25           # straight-through gradient d m / d logit (0: the soft mask's, as the paper)
-    binarize: str = "stochastic"     # "threshold" (the paper), "stochastic" (random thresholds, annealed), "soft"
+    binarize: str = "stochastic"     # "threshold" (the paper) or "stochastic" (random thresholds, annealed)
     anneal: float = 0.6              # fraction of the steps before the mask is binarised at the fixed threshold
-    rank_areas: tuple[float, float] = (0.005, 0.5)  # "rank": areas of the top-a masks drawn each step
     # --- optimisation
     steps: int = 150
     lr: float = 3e-3
     check_every: int = 10            # host syncs only every this many steps
     patience: int = 3                # stop after this many checks in a row with the label kept ...
-    plateau: float = 0.01            # ... and the loss changing by less than this (relative)
+    plateau: float = 0.05            # ... and the window's mean loss changing by less than this (relative)
     min_steps: int = 60
     threshold: float = 0.5
     # --- verification, sufficiency and minimality
@@ -75,8 +74,9 @@ class MedCAMConfig:
     robust_threshold: float = 0.9
     min_area: float = 0.005
     max_area: float = 0.9
-    # --- batching
+    # --- batching and precision
     max_batch: int = 32
+    amp: bool | None = None          # bf16 autocast of the classifier pass (None: on CUDA only)
 
     def validate(self) -> "MedCAMConfig":
         """Raises ValueError on an inconsistent setting; returns self."""
@@ -88,8 +88,8 @@ class MedCAMConfig:
             raise ValueError(f"ce_mode must be 'hinge' or 'plain', got {self.ce_mode!r}")
         if not 0 < self.keep_prob < 1:
             raise ValueError(f"keep_prob must be in (0, 1), got {self.keep_prob}")
-        if self.binarize not in ("threshold", "stochastic", "soft", "rank"):
-            raise ValueError(f"binarize must be 'threshold', 'stochastic', 'soft' or 'rank', got {self.binarize!r}")
+        if self.binarize not in ("threshold", "stochastic"):
+            raise ValueError(f"binarize must be 'threshold' or 'stochastic', got {self.binarize!r}")
         if not 0 <= self.anneal <= 1:
             raise ValueError(f"anneal must be in [0, 1], got {self.anneal}")
         if self.unet_batching not in ("grouped", "loop", "vmap"):
