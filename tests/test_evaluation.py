@@ -100,7 +100,6 @@ def test_patchnet_saliency_is_a_method(tmp_path):
                                                        n_robust=2))
     records = ev.run()
     assert {r["method"] for r in records} == {"patchnet_raw", "patchnet_smooth"} and len(records) == 8
-    assert json.loads((tmp_path / "patchnet_thresholds.json").read_text()).keys() == {
-        "patchnet_raw", "patchnet_scaled", "patchnet_smooth"}
+    assert json.loads((tmp_path / "thresholds.json").read_text()).keys() == {"patchnet_raw", "patchnet_smooth"}
     # the square's patch has the highest logit: its (blocky) map points at the square within 15 px
     assert all(r["pointing"] == 1.0 for r in records if r["method"] == "patchnet_raw")

@@ -162,31 +162,43 @@ class Evaluation:
             if self.progress:
                 self.progress(method, len(idx))
 
-    def cam_thresholds(self) -> dict[str, float]:
-        """CheXlocalize-style: each CAM's binarisation threshold maximising mean IoU on val."""
-        from ..baselines.gradcam import cam_maps
+    def _map_fn(self, method: str):
+        """``(x, y) -> [n,H,W]`` saliency of a map method: a CAM through grad-cam, or PatchNet's own
+        (``patchnet_smooth``: shifted grids at offset p/4; its cost includes those backbone passes)."""
+        if method in CAM_METHODS:
+            from ..baselines.gradcam import cam_maps
 
-        path = self.out / "cam_thresholds.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        thresholds = {}
-        if self.data.x_val is not None:
+            return lambda x, y: cam_maps(self.model, x, y, method=method)
+        from ..baselines import patchnet_saliency as ps
+
+        if method == "patchnet_smooth":
+            offset = max(1, self.model.patch_size // 4)
+            return lambda x, y: ps.shifted_patch_saliency(self.model, x, offset, target=y).saliency
+        return lambda x, y: ps.patch_saliency(self.model, x, target=y, mode=method.split("_")[1])
+
+    def thresholds(self, methods) -> dict[str, float]:
+        """CheXlocalize-style: each map method's binarisation threshold maximising mean IoU on the val
+        images (cached in ``thresholds.json``)."""
+        path = self.out / "thresholds.json"
+        found = json.loads(path.read_text()) if path.is_file() else {}
+        missing = [m for m in methods if m not in found]
+        if missing and self.data.x_val is not None:
             with torch.no_grad():
                 yv = self.model(self.data.x_val).argmax(1)
-            for method in CAM_METHODS:
-                maps = cam_maps(self.model, self.data.x_val, yv, method=method)
-                thresholds[method] = float(metrics.tune_threshold(maps, self.data.gt_val))
-        path.write_text(json.dumps(thresholds, indent=2))
-        return thresholds
+            for method in missing:
+                maps = self._map_fn(method)(self.data.x_val, yv)
+                found[method] = float(metrics.tune_threshold(maps, self.data.gt_val))
+            path.write_text(json.dumps(found, indent=2))
+        return found
 
-    def run_cam(self, method: str, threshold: float) -> None:
-        from ..baselines.gradcam import cam_maps
-
+    def run_map(self, method: str, threshold: float) -> None:
+        """A saliency-map method (CAM or PatchNet), binarised at ``threshold`` for the mask metrics."""
+        fn = self._map_fn(method)
         todo = self._todo(method)
         for s in range(0, len(todo), self.opt.batch):
             idx = todo[s:s + self.opt.batch]
             t0 = time.perf_counter()
-            maps = cam_maps(self.model, self.data.x[idx], self.label[idx], method=method)
+            maps = fn(self.data.x[idx], self.label[idx])
             seconds = time.perf_counter() - t0
             mask = metrics.binarise(maps, threshold)
             records = self._score(method, idx, maps, mask, seconds, {"threshold": [threshold] * len(idx)})
@@ -194,51 +206,6 @@ class Evaluation:
             self._append(records)
             if self.progress:
                 self.progress(method, len(idx))
-
-    def run_patchnet(self, method: str) -> None:
-        """PatchNet's own saliency (the model must be a PatchNet): ``patchnet_raw``,
-        ``patchnet_scaled`` or ``patchnet_smooth`` (shifted grids at offset p/4), binarised with
-        the threshold tuned on val like the CAMs; its seconds include the extra backbone passes."""
-        from ..baselines import patchnet_saliency as ps
-
-        todo = self._todo(method)
-        p = self.model.patch_size
-        for s in range(0, len(todo), self.opt.batch):
-            idx = todo[s:s + self.opt.batch]
-            x, y = self.data.x[idx], self.label[idx]
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                if method == "patchnet_smooth":
-                    maps = ps.shifted_patch_saliency(self.model, x, max(1, p // 4), target=y).saliency
-                else:
-                    maps = ps.patch_saliency(self.model, x, target=y, mode=method.split("_")[1])
-            seconds = time.perf_counter() - t0
-            threshold = self.patch_thresholds().get(method, 0.5)
-            mask = metrics.binarise(maps, threshold)
-            records = self._score(method, idx, maps, mask, seconds, {"threshold": [threshold] * len(idx)})
-            self._cam_at_medcam_area(method, idx, maps, records)
-            self._append(records)
-            if self.progress:
-                self.progress(method, len(idx))
-
-    def patch_thresholds(self) -> dict[str, float]:
-        from ..baselines import patchnet_saliency as ps
-
-        path = self.out / "patchnet_thresholds.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        thresholds = {}
-        if self.data.x_val is not None:
-            with torch.no_grad():
-                yv = self.model(self.data.x_val).argmax(1)
-                p = self.model.patch_size
-                maps = {"patchnet_raw": ps.patch_saliency(self.model, self.data.x_val, yv, "raw"),
-                        "patchnet_scaled": ps.patch_saliency(self.model, self.data.x_val, yv, "scaled"),
-                        "patchnet_smooth": ps.shifted_patch_saliency(self.model, self.data.x_val, max(1, p // 4),
-                                                                     target=yv).saliency}
-            thresholds = {k: float(metrics.tune_threshold(v, self.data.gt_val)) for k, v in maps.items()}
-        path.write_text(json.dumps(thresholds, indent=2))
-        return thresholds
 
     def _cam_at_medcam_area(self, method, idx, maps, records) -> None:
         """kept_robust of the CAM's top-k pixels at Med-CAM's own area on the same image."""
@@ -257,13 +224,11 @@ class Evaluation:
         for method in ("medcam", "medcam_plain", "medcam_reference"):
             if method in methods:
                 self.run_medcam(method)
-        cams = [m for m in methods if m in CAM_METHODS]
-        if cams:
-            thresholds = self.cam_thresholds()
-            for method in cams:
-                self.run_cam(method, thresholds.get(method, 0.5))
-        for method in [m for m in methods if m in PATCHNET_METHODS]:
-            self.run_patchnet(method)
+        maps = [m for m in methods if m in CAM_METHODS + PATCHNET_METHODS]
+        if maps:
+            thresholds = self.thresholds(maps)
+            for method in maps:
+                self.run_map(method, thresholds.get(method, 0.5))
         return list(self.done.values())
 
     def options_dict(self) -> dict:
