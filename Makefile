@@ -35,25 +35,24 @@ demo: build
 # Timing tables on this machine (one torch job at a time: nothing else should run beside them).
 # The brain_mri suites need ../shared/data (or MEDCAM_FAST_DATA) and the classifiers trained by
 # benchmarks/train_classifier.py; they skip cleanly without them.
-bench-ops: build
+# $(call bench,suite,title,extra pytest args): run benchmarks/bm_<suite>.py, save its JSON, write the table
+define bench
 	mkdir -p $(BENCH_JSON)
-	$(BIN)/python -m pytest -q benchmarks/bm_ops.py --bench-devices=cpu --benchmark-json=$(BENCH_JSON)/ops_cpu.json
-	$(BIN)/python benchmarks/make_table.py ops $(BENCH_JSON)/ops_cpu.json --title "Fused ops on CPU" > benchmarks/results/ops_cpu.md
+	$(BIN)/python -m pytest -q benchmarks/bm_$(1).py $(3) --benchmark-json=$(BENCH_JSON)/$(1)_cpu.json
+	$(BIN)/python benchmarks/make_table.py $(1) $(BENCH_JSON)/$(1)_cpu.json --title "$(2)" > benchmarks/results/$(1)_cpu.md
+endef
+
+bench-ops: build
+	$(call bench,ops,Fused ops on CPU,--bench-devices=cpu)
 
 bench-explain: build
-	mkdir -p $(BENCH_JSON)
-	$(BIN)/python -m pytest -q benchmarks/bm_explain.py --benchmark-json=$(BENCH_JSON)/explain_cpu.json
-	$(BIN)/python benchmarks/make_table.py explain $(BENCH_JSON)/explain_cpu.json --title "Fast against reference Med-CAM on CPU" > benchmarks/results/explain_cpu.md
+	$(call bench,explain,Fast against reference Med-CAM on CPU)
 
 bench-throughput: build
-	mkdir -p $(BENCH_JSON)
-	$(BIN)/python -m pytest -q benchmarks/bm_throughput.py --bench-devices=cpu --benchmark-json=$(BENCH_JSON)/throughput_cpu.json
-	$(BIN)/python benchmarks/make_table.py throughput $(BENCH_JSON)/throughput_cpu.json --title "Throughput on CPU" > benchmarks/results/throughput_cpu.md
+	$(call bench,throughput,Throughput on CPU,--bench-devices=cpu)
 
 bench-onnx: build
-	mkdir -p $(BENCH_JSON)
-	$(BIN)/python -m pytest -q benchmarks/bm_onnx.py --bench-devices=cpu --benchmark-json=$(BENCH_JSON)/onnx_cpu.json
-	$(BIN)/python benchmarks/make_table.py onnx $(BENCH_JSON)/onnx_cpu.json --title "ONNX Runtime against torch on CPU" > benchmarks/results/onnx_cpu.md
+	$(call bench,onnx,ONNX Runtime against torch on CPU,--bench-devices=cpu)
 
 bench: bench-ops bench-explain bench-throughput bench-onnx
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from medcam_fast import MedCAMConfig
-from medcam_fast.evaluation import (EvalOptions, EvalSet, Evaluation, area_to_sufficiency, kept_robust_of_masks,
-                                    pick_backgrounds, sufficiency_curve, write_report)
+from medcam_fast.evaluation import (EvalOptions, EvalSet, Evaluation, area_to_sufficiency, example_grid, example_maps,
+                                    kept_robust_of_masks, pick_backgrounds, sufficiency_curve, write_report)
 
 from planted import make_planted, train_tiny_cnn
 
@@ -73,10 +73,17 @@ def test_small_evaluation_run_resumes(tmp_path):
     calls.clear()
     again = Evaluation(model, data, tmp_path, opts, progress=lambda m, n: calls.append((m, n))).run()
     assert calls == [] and len(again) == 12
-    summary = write_report(again, tmp_path, "test", ["fact"])
+    # the example grid re-explains the first images with the run's settings: Med-CAM's masks match
+    shown = example_maps(ev, ("medcam", "gradcam"), n=3)
+    assert shown["medcam"][1].shape == (3, 64, 64) and shown["gradcam"][0].shape == (3, 64, 64)
+    areas = [ev.done[("medcam", f"img{i}")]["area"] for i in range(3)]
+    assert torch.allclose(shown["medcam"][1].float().mean((1, 2)), torch.tensor(areas), atol=0.02)
+    grid = example_grid(x[:3], gt[:3], data.ids[:3], shown, tmp_path)
+    summary = write_report(again, tmp_path, "test", ["fact"], extra_figures=[grid])
     assert set(summary) == {"medcam", "gradcam"} and summary["medcam"]["n"] == 6
     text = (tmp_path / "results.md").read_text()
     assert "| medcam |" in text and (tmp_path / "sufficiency_curve.png").stat().st_size > 0
+    assert "![examples.png](examples.png)" in text and (tmp_path / "examples.png").stat().st_size > 0
     assert json.loads((tmp_path / "results.json").read_text())["summary"]["gradcam"]["n"] == 6
 
 

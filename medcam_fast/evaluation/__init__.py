@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .examples import example_grid, example_maps
 from .runner import CAM_METHODS, PATCHNET_METHODS, EvalOptions, EvalSet, Evaluation, run_sanity
 from .sufficiency import SWEEP, area_to_sufficiency, kept_robust_of_masks, pick_backgrounds, sufficiency_curve
 from .summary import summarise, write_report
 
 __all__ = ["CAM_METHODS", "PATCHNET_METHODS", "EvalOptions", "EvalSet", "Evaluation", "SWEEP", "area_to_sufficiency",
-           "evaluate_dataset", "kept_robust_of_masks", "load_split", "pick_backgrounds", "run_sanity",
+           "evaluate_dataset", "example_grid", "example_maps", "kept_robust_of_masks", "load_split", "pick_backgrounds", "run_sanity",
            "sufficiency_curve", "summarise", "write_report"]
 
 
@@ -51,12 +52,13 @@ def _load(classifier: str, weights_dir):
 
 def evaluate_dataset(dataset: str, root, classifier: str, out_dir, n: int = 100, methods=None,
                      reference_images: int = 3, pool_size: int = 64, tune_size: int = 40, sanity_images: int = 8,
-                     seed: int = 0, batch: int = 16, weights_dir=None, progress=None) -> dict:
+                     seed: int = 0, batch: int = 16, weights_dir=None, progress=None, n_examples: int = 4) -> dict:
     """Runs every method on ``n`` test images of ``dataset`` and writes the report to ``out_dir``.
 
     Counterfactual backgrounds and CAM thresholds come from the val split (never the test split).
     Resumable: finished images are read back from ``out_dir/records.jsonl``. A PatchNet classifier
     gets its own saliency methods (``patchnet_raw``, ``patchnet_scaled``, ``patchnet_smooth``).
+    ``n_examples`` test images are re-explained for the example grid (0: no grid).
     """
     model, prep, class_names, card = _load(classifier, weights_dir)
     x, gt, ids = load_split(dataset, root, "test", prep, n, seed)
@@ -98,6 +100,8 @@ def evaluate_dataset(dataset: str, root, classifier: str, out_dir, n: int = 100,
         for m, rows in sanity.items():
             lines.append(f"| {m} | " + " | ".join(f"IoU {r['iou']:.2f} / ρ {r['spearman']:.2f}" for r in rows) + " |")
         sections.append(("Sanity check: cascading randomisation (top stage first)", "\n".join(lines)))
-    summary = write_report(records, out_dir, f"Evaluation on {dataset}", facts, sections)
+    shown = example_maps(ev, methods, n_examples) if n_examples > 0 else {}
+    grid = example_grid(x[:n_examples], gt[:n_examples], ids[:n_examples], shown, out_dir) if shown else None
+    summary = write_report(records, out_dir, f"Evaluation on {dataset}", facts, sections, [grid] if grid else [])
     summary["_sanity"] = sanity
     return summary

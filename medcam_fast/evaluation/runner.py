@@ -143,13 +143,10 @@ class Evaluation:
     def run_medcam(self, method: str = "medcam") -> None:
         """``medcam`` (fast defaults), ``medcam_plain`` (the straightforward "before" config) or
         ``medcam_reference`` (the paper's procedure, on the first ``reference_images`` images)."""
-        mode = "reference" if method == "medcam_reference" else "fast"
-        cfg = {"medcam": self.opt.medcam, "medcam_plain": self.opt.plain, "medcam_reference": self.opt.reference}[method]
-        cfg = cfg.replace(batch_as_reference=False, n_robust=self.opt.n_robust)
-        limit = None if mode == "fast" else self.opt.reference_images
-        todo = self._todo(method, limit)
-        step = self.opt.batch if mode == "fast" else 1
-        explainer = Explainer(self.model, cfg, mode=mode, reference=self.data.pool)
+        explainer = self.medcam_explainer(method)
+        fast = method != "medcam_reference"
+        todo = self._todo(method, None if fast else self.opt.reference_images)
+        step = self.opt.batch if fast else 1
         for s in range(0, len(todo), step):
             idx = todo[s:s + step]
             t0 = time.perf_counter()
@@ -162,7 +159,14 @@ class Evaluation:
             if self.progress:
                 self.progress(method, len(idx))
 
-    def _map_fn(self, method: str):
+    def medcam_explainer(self, method: str) -> Explainer:
+        """The :class:`Explainer` of ``medcam``, ``medcam_plain`` or ``medcam_reference`` in this run."""
+        mode = "reference" if method == "medcam_reference" else "fast"
+        cfg = {"medcam": self.opt.medcam, "medcam_plain": self.opt.plain, "medcam_reference": self.opt.reference}[method]
+        cfg = cfg.replace(batch_as_reference=False, n_robust=self.opt.n_robust)
+        return Explainer(self.model, cfg, mode=mode, reference=self.data.pool)
+
+    def map_fn(self, method: str):
         """``(x, y) -> [n,H,W]`` saliency of a map method: a CAM through grad-cam, or PatchNet's own
         (``patchnet_smooth``: shifted grids at offset p/4; its cost includes those backbone passes)."""
         if method in CAM_METHODS:
@@ -186,14 +190,14 @@ class Evaluation:
             with torch.no_grad():
                 yv = self.model(self.data.x_val).argmax(1)
             for method in missing:
-                maps = self._map_fn(method)(self.data.x_val, yv)
+                maps = self.map_fn(method)(self.data.x_val, yv)
                 found[method] = float(metrics.tune_threshold(maps, self.data.gt_val))
             path.write_text(json.dumps(found, indent=2))
         return found
 
     def run_map(self, method: str, threshold: float) -> None:
         """A saliency-map method (CAM or PatchNet), binarised at ``threshold`` for the mask metrics."""
-        fn = self._map_fn(method)
+        fn = self.map_fn(method)
         todo = self._todo(method)
         for s in range(0, len(todo), self.opt.batch):
             idx = todo[s:s + self.opt.batch]

@@ -101,11 +101,13 @@ def figures(records: list[dict], summary: dict[str, dict], out_dir: Path) -> lis
     return names
 
 
-def write_report(records: list[dict], out_dir, title: str, facts: list[str], extra_sections=()) -> dict:
-    """Writes ``results.md``, ``results.json`` and the figures; returns the summary."""
+def write_report(records: list[dict], out_dir, title: str, facts: list[str], extra_sections=(),
+                 extra_figures=()) -> dict:
+    """Writes ``results.md``, ``results.json`` and the figures (plus ``extra_figures``, file names
+    already in ``out_dir``); returns the summary."""
     out_dir = Path(out_dir)
     summary = summarise(records)
-    figs = figures(records, summary, out_dir)
+    figs = list(extra_figures) + figures(records, summary, out_dir)
     md = [f"# {title}", "", *[f"- {f}" for f in facts], "", "## Per method", "", markdown_table(summary), "",
           "## kept_robust of each map's top-k pixels", "", curve_table(summary), ""]
     if "medcam" in summary and "status" in summary["medcam"]:
