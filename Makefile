@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.requirements-installed
 OUT    ?= demo_out
 BENCH_JSON := benchmarks/results/json
 
-.PHONY: all venv build test demo bench bench-ops bench-explain bench-throughput bench-onnx clean
+.PHONY: all venv build test demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx clean
 
 all: test
 
@@ -45,6 +45,9 @@ endef
 bench-ops: build
 	$(call bench,ops,Fused ops on CPU,--bench-devices=cpu)
 
+bench-unet: build
+	$(call bench,unet,Stacked U-Net batching on CPU,--bench-devices=cpu)
+
 bench-explain: build
 	$(call bench,explain,Fast against reference Med-CAM on CPU)
 
@@ -54,7 +57,7 @@ bench-throughput: build
 bench-onnx: build
 	$(call bench,onnx,ONNX Runtime against torch on CPU,--bench-devices=cpu)
 
-bench: bench-ops bench-explain bench-throughput bench-onnx
+bench: bench-ops bench-unet bench-explain bench-throughput bench-onnx
 
 clean:
 	rm -rf build medcam_fast/_C*.so medcam_fast/_build_info.json .pytest_cache

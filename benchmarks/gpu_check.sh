@@ -36,6 +36,10 @@ mkdir -p "$OUT/json"
 timeout 200 $PY -m pytest -q benchmarks/bm_ops.py --bench-devices=cuda -p no:cacheprovider -k "8-224 or 1-64 or 32-512" \
   --benchmark-json="$OUT/json/ops_cuda.json" >"$OUT/bench_ops.log" 2>&1
 $PY benchmarks/make_table.py ops "$OUT/json/ops_cuda.json" --title "Fused ops on CUDA" >"$OUT/ops_cuda.md" && cat "$OUT/ops_cuda.md"
+timeout 60 $PY -m pytest -q benchmarks/bm_unet.py --bench-devices=cuda -p no:cacheprovider \
+  --benchmark-json="$OUT/json/unet_cuda.json" >"$OUT/bench_unet.log" 2>&1
+$PY benchmarks/make_table.py unet "$OUT/json/unet_cuda.json" --title "Stacked U-Net batching on CUDA" \
+  >"$OUT/unet_cuda.md" && cat "$OUT/unet_cuda.md"
 log "GPU explain throughput (resnet18 and the demo classifier) and profile"
 timeout 200 $PY -m pytest -q benchmarks/bm_throughput.py --bench-devices=cuda -p no:cacheprovider \
   -k "demo or resnet18" --benchmark-json="$OUT/json/throughput_cuda.json" \

@@ -2,6 +2,7 @@
 
     python benchmarks/make_table.py ops results/ops_cpu.json [--device cpu] > results/ops_cpu.md
     python benchmarks/make_table.py onnx results/onnx_cpu.json [--device cpu] > results/onnx_cpu.md
+    (kinds: ops, unet, onnx, explain, throughput)
 """
 import argparse
 import json
@@ -100,8 +101,25 @@ def throughput_table(data: dict, device: str | None) -> str:
     return "\n".join(out)
 
 
-TABLES = {"ops": ops_table, "onnx": onnx_table, "explain": explain_table, "throughput": throughput_table}
-WHAT = {"onnx": "Median time per call, frozen forward (no grad).",
+def unet_table(data: dict, device: str | None) -> str:
+    rows = defaultdict(dict)
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        if e.get("kind") != "unet" or (device and e["device"] != device):
+            continue
+        rows[(e["device"], e["size"], e["n"])][e["batching"]] = b["stats"]["median"] * 1e3
+    out = ["| device | H=W | N | grouped ms | loop ms | vmap ms | fastest |", "|---|---:|---:|---:|---:|---:|---|"]
+    for (dev, size, n), t in sorted(rows.items()):
+        fmt = lambda v: f"{v:.1f}" if v is not None else "-"  # noqa: E731
+        best = min(t, key=t.get) if t else "-"
+        out.append(f"| {dev} | {size} | {n} | {fmt(t.get('grouped'))} | {fmt(t.get('loop'))} | {fmt(t.get('vmap'))} "
+                   f"| {best} |")
+    return "\n".join(out)
+
+
+TABLES = {"ops": ops_table, "unet": unet_table, "onnx": onnx_table, "explain": explain_table, "throughput": throughput_table}
+WHAT = {"unet": "Median time of one step of N stacked U-Nets (forward + backward), by how they are batched.",
+        "onnx": "Median time per call, frozen forward (no grad).",
         "explain": "One explanation at a time (wall time per image, one run).",
         "throughput": "Explanations per second (one run each; model families: random init, fixed 10 steps)."}
 

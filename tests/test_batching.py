@@ -109,3 +109,22 @@ def test_bf16_autocast_path_runs(setup):
     res = Explainer(model, CFG.replace(steps=20, min_steps=10, amp=True), reference=ref)(x[:1])
     assert res.mask.shape == (1, 64, 64) and res.kept.dtype == torch.bool
     assert torch.isfinite(res.soft_mask).all()
+
+
+@pytest.mark.parametrize("upsample", ["bilinear", "transpose"])
+def test_unet_batchings_agree(upsample):
+    # grouped convolutions, a loop of single ones and vmap are three ways to run the same N networks
+    from medcam_fast.explain.unet import StackedUNet
+
+    x = torch.randn(3, 2, 32, 32, generator=torch.Generator().manual_seed(0))
+    outs, grads = {}, {}
+    for batching in ("grouped", "loop", "vmap"):
+        unet = StackedUNet(3, 2, (8, 16), 2, 0.0, 0, torch.device("cpu"), torch.float32, 0.0, 3.0, batching,
+                           upsample, 1.0).requires_grad_()
+        out = unet(x)
+        out.sigmoid().pow(2).mean().backward()
+        outs[batching], grads[batching] = out.detach(), [p.grad.clone() for p in unet.parameters()]
+    for batching in ("loop", "vmap"):
+        assert torch.allclose(outs[batching], outs["grouped"], atol=1e-5), batching
+        for g, ref in zip(grads[batching], grads["grouped"]):
+            assert torch.allclose(g, ref, atol=1e-6, rtol=1e-4), batching

@@ -85,7 +85,11 @@ def test_demo_in_process(demo):
     assert rc == 0, stderr
     assert table_names(stdout, NAMES) == NAMES                      # one table row per sample, in order
     header = stdout.splitlines()[0].split()
-    assert header == ["name", "class", "p(x)", "p(evidence)", "kept", "kept_robust", "area", "status", "seconds"]
+    assert header == ["name", "class", "p(x)", "p(evidence)", "kept", "kept_robust", "area", "p(blank)", "blank_keeps",
+                      "status", "seconds"]
+    # the null audit is in the printed table too: glioma samples are kept by the blank image
+    rows = {line.split()[0]: line.split() for line in stdout.splitlines()[2:2 + len(NAMES)]}
+    assert rows["brain_2424"][8] == "yes" and rows["brain_885"][8] == "no"
     assert (out / "report.html").is_file() and (out / "results.json").is_file()
     links = check_links(out)
     assert len([link for link in links if link.endswith(".png")]) == len(SAMPLES)

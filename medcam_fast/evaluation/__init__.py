@@ -86,12 +86,14 @@ def evaluate_dataset(dataset: str, root, classifier: str, out_dir, n: int = 100,
         f"{test_acc.get('accuracy', float('nan')):.3f}, balanced {test_acc.get('balanced_accuracy', float('nan')):.3f}",
         f"the blank (baseline) image is classified as '{class_names[ev.null_label]}': for images of that class "
         "an empty mask already 'keeps' the label",
-        f"Med-CAM fast: default MedCAMConfig; medcam_plain: plain_config() (the straightforward 'before' "
-        f"Med-CAM); reference mode on {reference_images} image(s)",
+        "Med-CAM fast: default MedCAMConfig; medcam_plain: plain_config() (the straightforward 'before' Med-CAM)"
+        + (f"; reference mode on {reference_images} image(s)" if "medcam_reference" in methods else ""),
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; run {datetime.datetime.now():%Y-%m-%d %H:%M}",
+        "data: Cheng, Jun et al., \"Brain tumor dataset\", figshare, doi:10.6084/m9.figshare.1512427, CC BY 4.0; "
         "slice-level split: slices of one patient may sit in train and test (see the data README)"
-        if dataset == "brain_mri" else "isic2018: CC BY-NC 4.0 data; no image is shipped",
+        if dataset == "brain_mri" else "data: ISIC 2018 challenge (Codella et al. 2019; Tschandl et al. 2018), "
+        "CC BY-NC 4.0; no image is shipped, so this report has no example grid",
     ]
     sections = []
     if sanity:
@@ -100,6 +102,8 @@ def evaluate_dataset(dataset: str, root, classifier: str, out_dir, n: int = 100,
         for m, rows in sanity.items():
             lines.append(f"| {m} | " + " | ".join(f"IoU {r['iou']:.2f} / ρ {r['spearman']:.2f}" for r in rows) + " |")
         sections.append(("Sanity check: cascading randomisation (top stage first)", "\n".join(lines)))
+    if dataset == "isic2018":  # its licence terms: never ship isic2018 images, so none in the report either
+        n_examples = 0
     shown = example_maps(ev, methods, n_examples) if n_examples > 0 else {}
     grid = example_grid(x[:n_examples], gt[:n_examples], ids[:n_examples], shown, out_dir) if shown else None
     summary = write_report(records, out_dir, f"Evaluation on {dataset}", facts, sections, [grid] if grid else [])

@@ -8,7 +8,8 @@ __all__ = ["SUMMARY_COLUMNS", "REPORT_COLUMNS", "blank_image_sentence", "cell", 
 # (key in the row dict, header)
 SUMMARY_COLUMNS = [("name", "name"), ("class_name", "class"), ("prob_input", "p(x)"),
                    ("prob_evidence", "p(evidence)"), ("kept", "kept"), ("kept_robust", "kept_robust"),
-                   ("area", "area"), ("status", "status"), ("seconds", "seconds")]
+                   ("area", "area"), ("prob_null", "p(blank)"), ("null_keeps_label", "blank_keeps"),
+                   ("status", "status"), ("seconds", "seconds")]
 REPORT_COLUMNS = [("name", "name"), ("label", "label"), ("class_name", "class name"),
                   ("prob_input", "p(label | x)"), ("prob_evidence", "p(label | evidence)"), ("kept", "kept"),
                   ("kept_robust", "kept_robust"), ("area", "area"), ("prob_null", "p(label | blank)"),
