@@ -6,6 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.requirements-installed
 OUT    ?= demo_out
 BENCH_JSON := benchmarks/results/json
+DATA   ?= ../shared/data
 
 .PHONY: all venv build test demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx clean
 
@@ -33,12 +34,13 @@ demo: build
 	$(BIN)/medcam-fast demo --out $(OUT)
 
 # Timing tables on this machine (one torch job at a time: nothing else should run beside them).
-# The brain_mri suites need ../shared/data (or MEDCAM_FAST_DATA) and the classifiers trained by
+# The brain_mri suites read the data folder DATA (make bench DATA=/path/to/data; passed on as
+# MEDCAM_FAST_DATA) and the classifiers trained by
 # benchmarks/train_classifier.py; they skip cleanly without them.
 # $(call bench,suite,title,extra pytest args): run benchmarks/bm_<suite>.py, save its JSON, write the table
 define bench
 	mkdir -p $(BENCH_JSON)
-	$(BIN)/python -m pytest -q benchmarks/bm_$(1).py $(3) --benchmark-json=$(BENCH_JSON)/$(1)_cpu.json
+	MEDCAM_FAST_DATA=$(DATA) $(BIN)/python -m pytest -q benchmarks/bm_$(1).py $(3) --benchmark-json=$(BENCH_JSON)/$(1)_cpu.json
 	$(BIN)/python benchmarks/make_table.py $(1) $(BENCH_JSON)/$(1)_cpu.json --title "$(2)" > benchmarks/results/$(1)_cpu.md
 endef
 

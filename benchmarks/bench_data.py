@@ -1,4 +1,5 @@
-"""Real images and classifiers for the benchmarks (skip cleanly when ../shared/data is absent)."""
+"""Real images and classifiers for the benchmarks. The data folder comes from ``MEDCAM_FAST_DATA``
+(the Makefile's bench targets set it from ``DATA``); without it the suites skip cleanly."""
 from __future__ import annotations
 
 import os
@@ -9,14 +10,16 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MEDCAM_FAST_DATA", ROOT.parent / "shared" / "data"))
 MODELS = ROOT / "benchmarks" / "models"
 
 
 def data_root(name: str) -> Path:
-    root = SHARED / name
+    folder = os.environ.get("MEDCAM_FAST_DATA")
+    if not folder:
+        pytest.skip("MEDCAM_FAST_DATA is not set (the folder holding brain_mri/ and isic2018/)")
+    root = Path(folder) / name
     if not root.is_dir():
-        pytest.skip(f"{root} not present (set MEDCAM_FAST_DATA)")
+        pytest.skip(f"{root} not present (MEDCAM_FAST_DATA={folder})")
     return root
 
 

@@ -1,7 +1,7 @@
 """Evaluation: Med-CAM and the baselines on real images with lesion masks, scored the same way.
 
     from medcam_fast.evaluation import evaluate_dataset
-    summary = evaluate_dataset("brain_mri", "../shared/data/brain_mri", "brain_mri_mobilenetv2", out_dir="eval")
+    summary = evaluate_dataset("brain_mri", "path/to/brain_mri", "brain_mri_mobilenetv2", out_dir="eval")
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ def example_maps(ev, methods, n: int = 4) -> dict[str, tuple[torch.Tensor, torch
     idx = list(range(min(n, len(ev.data.ids))))
     x, y = ev.data.x[idx], ev.label[idx]
     out = {}
-    thresholds = None
+    thresholds = ev.thresholds([m for m in methods if not m.startswith("medcam")])  # cached by the run
     for method in methods:
         if method == "medcam_reference":
             continue
@@ -28,7 +28,6 @@ def example_maps(ev, methods, n: int = 4) -> dict[str, tuple[torch.Tensor, torch
             res = ev.medcam_explainer(method)(x, target=y, seed=ev.opt.seed)
             out[method] = (res.soft_mask, res.mask)
         else:
-            thresholds = thresholds or ev.thresholds([m for m in methods if not m.startswith("medcam")])
             maps = ev.map_fn(method)(x, y)
             out[method] = (maps, metrics.binarise(maps, thresholds.get(method, 0.5)))
     return out
