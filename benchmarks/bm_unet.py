@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medcam_fast import MedCAMConfig
-from medcam_fast.explain.unet import StackedUNet
+from medcam_fast.medcam.unet import StackedUNet
 
 from conftest import sync
 

@@ -19,7 +19,8 @@ at::Tensor compose_call(const at::Tensor& x, const at::Tensor& m, const at::Tens
   return op.call(x, m, baseline, background);
 }
 
-// Autocast: compute in fp32, return x's dtype.
+// Autocast: inputs of any float dtypes (a bf16 mask on an fp32 image, say) computed in fp32,
+// returned in x's dtype (the image's: what the classifier would have been given).
 template <c10::DispatchKey autocast_key, c10::DeviceType device_type>
 at::Tensor compose_autocast(const at::Tensor& x, const at::Tensor& m, const at::Tensor& baseline,
                             const at::Tensor& background) {

@@ -17,13 +17,11 @@ at::Tensor mask_priors_call(const at::Tensor& m, bool diagonal, bool logits, dou
   return op.call(m, diagonal, logits, temperature);
 }
 
-// Autocast: compute in fp32, return the input's dtype.
+// Autocast: a reduction, so fp32 in and fp32 out (as autocast's own reductions: sum, mse_loss).
 template <c10::DispatchKey autocast_key, c10::DeviceType device_type>
 at::Tensor mask_priors_autocast(const at::Tensor& m, bool diagonal, bool logits, double temperature) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
-  return mask_priors_call(at::autocast::cached_cast(at::kFloat, m, device_type), diagonal, logits,
-                          temperature)
-      .to(m.scalar_type());
+  return mask_priors_call(at::autocast::cached_cast(at::kFloat, m, device_type), diagonal, logits, temperature);
 }
 
 }  // namespace

@@ -40,7 +40,7 @@ def _inputs(args) -> InputOptions:
 
 
 def _config(steps: int | None):
-    from .explain import MedCAMConfig
+    from .medcam import MedCAMConfig
 
     cfg = MedCAMConfig()
     if steps is not None:

@@ -1,6 +1,5 @@
 """Batched fitting: N independent U-Nets at once match one-by-one fitting; out-of-memory halving;
 concurrent calls from threads."""
-import importlib
 import threading
 
 import pytest
@@ -8,8 +7,7 @@ import torch
 
 from medcam_fast import Explainer, MedCAMConfig
 
-# `medcam_fast.explain` is also the public function, so reach the module through importlib
-explainer_mod = importlib.import_module("medcam_fast.explain.explainer")
+from medcam_fast.medcam import explainer as explainer_mod
 
 from planted import make_planted, train_tiny_cnn
 
@@ -114,7 +112,7 @@ def test_bf16_autocast_path_runs(setup):
 @pytest.mark.parametrize("upsample", ["bilinear", "transpose"])
 def test_unet_batchings_agree(upsample):
     # grouped convolutions, a loop of single ones and vmap are three ways to run the same N networks
-    from medcam_fast.explain.unet import StackedUNet
+    from medcam_fast.medcam.unet import StackedUNet
 
     x = torch.randn(3, 2, 32, 32, generator=torch.Generator().manual_seed(0))
     outs, grads = {}, {}

@@ -50,3 +50,33 @@ def test_missing_build_falls_back_with_one_warning(tmp_path):
     env = {**os.environ, "MEDCAM_FAST_BUILD_INFO": str(tmp_path / "missing.json")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert out.split() == ["False", "1", "torch.Size([2,", "3])"]
+
+
+@pytest.mark.parametrize("cap, archs, runs", [
+    ((9, 0), "8.0;9.0", True), ((8, 6), "8.0;9.0", True), ((8, 9), "8.0 9.0", True),
+    ((12, 0), "8.0;9.0", False), ((7, 5), "8.0;9.0", False), ((12, 0), "8.0;9.0+PTX", True),
+    ((7, 5), "8.0+PTX", False), ((9, 0), "9.0a", True), ((10, 0), "9.0a", False), ((8, 0), None, False),
+])
+def test_cuda_arch_rule(cap, archs, runs):
+    assert _ext.cuda_arch_runs(cap, archs) is runs
+
+
+def test_gpu_outside_the_arch_list_falls_back(monkeypatch):
+    # a GPU whose arch was not compiled (and no PTX) must not count as served by the kernels
+    state = {**_ext.state(), "cpu_ops": True, "cuda_ops": True, "cuda_arch_list": "8.0;9.0"}
+    monkeypatch.setattr(_ext, "_state", state)
+    monkeypatch.setattr(_ext, "_cuda_ok", {})
+    caps = {0: (12, 0), 1: (9, 0)}
+    monkeypatch.setattr(_ext, "_device_capability", lambda d: caps[d.index])
+    with pytest.warns(RuntimeWarning, match=r"not for cuda:0 \(compute 12.0\); using the naive"):
+        assert _ext.has_kernel(torch.device("cuda", 0)) is False
+    assert _ext.has_kernel(torch.device("cuda", 1)) is True
+    assert _ext.has_kernel(torch.device("cuda", 0)) is False   # cached: one warning per device
+
+
+def test_build_info_reports_archs_and_clones():
+    info = medcam_fast.build_info()
+    if info["cuda_ops"]:
+        assert info["cuda_arch_list"] and _ext._parse_arch_list(info["cuda_arch_list"])
+    if info["cpu_ops"]:
+        assert info["cpu_isa"] in info["cpu_isas"]

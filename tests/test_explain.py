@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from medcam_fast import Explainer, Explanation, MedCAMConfig, explain, reference_config
-from medcam_fast.explain import losses
-from medcam_fast.explain.fit import fit_reference
+from medcam_fast.medcam import losses
+from medcam_fast.medcam.fit import fit_reference
 from medcam_fast.models.adapter import FrozenClassifier
 
 from planted import SQUARE, make_planted, tiny_cnn, train_tiny_cnn

@@ -1,5 +1,8 @@
 """The fused ops against their naive twins: values, gradients, tracing, odd shapes, bad input."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -291,16 +294,94 @@ def test_ops_device_mismatch():
 
 
 @pytest.mark.parametrize("device", devices, ids=str)
-def test_autocast_computes_in_float32(device):
-    m = _mask((2, 1, 8, 8), device, torch.bfloat16)
-    x, mm, bg = _compose_inputs(2, 3, 8, 8, device, torch.bfloat16)
+def test_autocast_policy(device):
+    # Under autocast a bf16 mask meets a float32 image: compose computes in float32 and returns
+    # x's dtype, mask_priors (a reduction) returns float32. Without the autocast registrations the
+    # kernels refuse the mixed dtypes and mask_priors returns bf16: this test then fails.
+    x, m32, bg = _compose_inputs(2, 3, 8, 8, device, torch.float32)
+    m16 = m32.bfloat16()
+    logits16 = _mask((2, 1, 8, 8), device, torch.bfloat16, logits=True)
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        p = ops.mask_priors(m)
-        e = ops.compose(x, mm, 0.0, bg)
-    assert p.dtype == torch.bfloat16 and e.dtype == torch.bfloat16
-    torch.testing.assert_close(p.float(), naive.mask_priors(m.float()), **tol(torch.bfloat16))
-    torch.testing.assert_close(e.float(), naive.compose(x.float(), mm.float(), 0.0, bg.float()),
-                               **tol(torch.bfloat16))
+        e = ops.compose(x, m16.requires_grad_(), 0.0, bg.bfloat16())
+        p = ops.mask_priors(logits16, diagonal=True, logits=True)
+    assert e.dtype == torch.float32 and p.dtype == torch.float32
+    torch.testing.assert_close(e, naive.compose(x, m16.detach().float(), 0.0, bg.bfloat16().float()),
+                               **tol(torch.float32))
+    torch.testing.assert_close(p, naive.mask_priors(logits16.float(), diagonal=True, logits=True),
+                               **tol(torch.float32))
+    e.sum().backward()
+    assert m16.grad is not None and m16.grad.dtype == torch.bfloat16
+    # outside autocast mixed dtypes are an error, not a silent cast
+    with pytest.raises(ValueError, match="dtype"):
+        ops.compose(x, m16.detach(), 0.0, bg)
+
+
+# ---------------------------------------------------------------- CPU clones
+
+
+cpu_isas = ops.cpu_isas()
+clone_sizes = [64, 128, 256, 512]
+
+
+@needs_ext
+def test_cpu_clones_reported_and_settable():
+    assert cpu_isas and cpu_isas[-1] in ("scalar", "generic") and ops.cpu_isa() in cpu_isas
+    assert medcam_fast.build_info()["cpu_isas"] == cpu_isas
+    for isa in cpu_isas:
+        with ops.forced_cpu_isa(isa):
+            assert ops.cpu_isa() == isa and medcam_fast.build_info()["cpu_isa"] == isa
+    with pytest.raises(ValueError, match="unknown CPU clone"):
+        ops.set_cpu_isa("sse9")
+    missing = [isa for isa in ("avx512", "avx2") if isa not in cpu_isas]
+    for isa in missing:  # a clone the CPU lacks is refused, never run
+        with pytest.raises(ValueError, match="not supported"):
+            ops.set_cpu_isa(isa)
+
+
+def test_bad_cpu_isa_env_fails_loudly():
+    code = "import medcam_fast, torch; torch.ops.medcam_fast"
+    env = {**os.environ, "MEDCAM_FAST_CPU_ISA": "sse9"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if medcam_fast.build_info()["cpu_ops"]:
+        assert run.returncode != 0 and "MEDCAM_FAST_CPU_ISA='sse9'" in run.stderr
+
+
+def _run_both_ops(h, dtype, seed):
+    """Forward and backward of both ops at h x h: a tuple of tensors to compare across clones."""
+    x, m, bg = _compose_inputs(3, 3, h, h, torch.device("cpu"), dtype, seed)
+    logits = _mask((3, 1, h, h), torch.device("cpu"), dtype, logits=True, seed=seed)
+    m.requires_grad_()
+    logits.requires_grad_()
+    e = ops.compose(x, m, 0.25, bg)
+    e_full = ops.compose(x, m, bg.flip(0), bg)            # a full [N,C,H,W] baseline: the other loop
+    pri = ops.mask_priors(logits, diagonal=True, logits=True)
+    pri_m = ops.mask_priors(m, diagonal=False)
+    g = torch.Generator().manual_seed(seed + 1)
+    loss = (e * torch.randn(e.shape, generator=g, dtype=dtype)).sum() + (e_full * 0.5).sum() \
+        + (pri * torch.tensor([0.3, -1.2, 0.8], dtype=dtype)).sum() + pri_m.sum()
+    loss.backward()
+    return e.detach(), e_full.detach(), pri.detach(), pri_m.detach(), m.grad, logits.grad
+
+
+@needs_ext
+@pytest.mark.skipif(len(cpu_isas) < 2, reason="this CPU runs one clone only")
+@pytest.mark.parametrize("h", clone_sizes)
+@pytest.mark.parametrize("dtype", float_dtypes, ids=str)
+def test_cpu_clones_agree(h, dtype):
+    # Every clone this CPU supports gives the same bits (no FMA contraction, fixed summation
+    # order), forward and backward; the stated bound is 1e-6 relative, this asserts equality.
+    results = {}
+    for isa in cpu_isas:
+        with ops.forced_cpu_isa(isa):
+            results[isa] = _run_both_ops(h, dtype, seed=h)
+    best = results[cpu_isas[0]]
+    for isa in cpu_isas[1:]:
+        for a, b in zip(best, results[isa]):
+            assert torch.equal(a, b), (isa, (a - b).abs().max().item())
+    # and each clone is right, not just alike: the twin in float64
+    x, m, bg = _compose_inputs(3, 3, h, h, torch.device("cpu"), dtype, h)
+    torch.testing.assert_close(best[0].double(), naive.compose(x.double(), m.double(), 0.25, bg.double()),
+                               **tol(dtype))
 
 
 def _loss(x, logits_m, bg):

@@ -10,12 +10,7 @@
 #include <vector>
 
 #include "checks.h"
-
-#if MEDCAM_FAST_TARGET_CLONES
-#define MEDCAM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MEDCAM_CLONES
-#endif
+#include "cpu/isa.h"
 
 namespace medcam_fast {
 namespace {
@@ -24,8 +19,9 @@ constexpr int64_t kPixelsPerTask = 4096;
 
 // One (n, c) plane span: e = m*x + (1-m)*b, et = m*x + (1-m)*r. `b_step` is 0 for a per-channel baseline.
 template <typename T>
-inline void compose_span(const T* __restrict x, const T* __restrict m, const T* __restrict b, int64_t b_step,
-                         const T* __restrict r, T* __restrict e, T* __restrict et, int64_t n) {
+MEDCAM_ALWAYS_INLINE void compose_span(const T* __restrict x, const T* __restrict m, const T* __restrict b,
+                                       int64_t b_step, const T* __restrict r, T* __restrict e, T* __restrict et,
+                                       int64_t n) {
   if (b_step == 0) {
     const T bv = b[0];
     for (int64_t j = 0; j < n; ++j) {
@@ -42,20 +38,21 @@ inline void compose_span(const T* __restrict x, const T* __restrict m, const T* 
   }
 }
 
-MEDCAM_CLONES void compose_span_f32(const float* x, const float* m, const float* b, int64_t b_step, const float* r,
-                                    float* e, float* et, int64_t n) {
-  compose_span(x, m, b, b_step, r, e, et, n);
-}
-MEDCAM_CLONES void compose_span_f64(const double* x, const double* m, const double* b, int64_t b_step,
-                                    const double* r, double* e, double* et, int64_t n) {
-  compose_span(x, m, b, b_step, r, e, et, n);
-}
+MEDCAM_CPU_CLONES(void, span, compose_span<float>,
+                  (const float* x, const float* m, const float* b, int64_t s, const float* r, float* e, float* et,
+                   int64_t n),
+                  (x, m, b, s, r, e, et, n))
+MEDCAM_CPU_CLONES(void, span, compose_span<double>,
+                  (const double* x, const double* m, const double* b, int64_t s, const double* r, double* e,
+                   double* et, int64_t n),
+                  (x, m, b, s, r, e, et, n))
 
 // Accumulates one channel of the backward into gm (and writes gx when non-null).
 template <typename T>
-inline void compose_grad_span(const T* __restrict ge, const T* __restrict get, const T* __restrict x,
-                              const T* __restrict m, const T* __restrict b, int64_t b_step, const T* __restrict r,
-                              T* __restrict gm, T* __restrict gx, int64_t n) {
+MEDCAM_ALWAYS_INLINE void compose_grad_span(const T* __restrict ge, const T* __restrict get,
+                                            const T* __restrict x, const T* __restrict m, const T* __restrict b,
+                                            int64_t b_step, const T* __restrict r, T* __restrict gm,
+                                            T* __restrict gx, int64_t n) {
   if (b_step == 0) {
     const T bv = b[0];
     for (int64_t j = 0; j < n; ++j) gm[j] += ge[j] * (x[j] - bv) + get[j] * (x[j] - r[j]);
@@ -66,33 +63,14 @@ inline void compose_grad_span(const T* __restrict ge, const T* __restrict get, c
     for (int64_t j = 0; j < n; ++j) gx[j] = (ge[j] + get[j]) * m[j];
 }
 
-MEDCAM_CLONES void compose_grad_span_f32(const float* ge, const float* get, const float* x, const float* m,
-                                         const float* b, int64_t b_step, const float* r, float* gm, float* gx,
-                                         int64_t n) {
-  compose_grad_span(ge, get, x, m, b, b_step, r, gm, gx, n);
-}
-MEDCAM_CLONES void compose_grad_span_f64(const double* ge, const double* get, const double* x, const double* m,
-                                         const double* b, int64_t b_step, const double* r, double* gm, double* gx,
-                                         int64_t n) {
-  compose_grad_span(ge, get, x, m, b, b_step, r, gm, gx, n);
-}
-
-inline void span(const float* x, const float* m, const float* b, int64_t s, const float* r, float* e, float* et,
-                 int64_t n) {
-  compose_span_f32(x, m, b, s, r, e, et, n);
-}
-inline void span(const double* x, const double* m, const double* b, int64_t s, const double* r, double* e,
-                 double* et, int64_t n) {
-  compose_span_f64(x, m, b, s, r, e, et, n);
-}
-inline void grad_span(const float* ge, const float* get, const float* x, const float* m, const float* b, int64_t s,
-                      const float* r, float* gm, float* gx, int64_t n) {
-  compose_grad_span_f32(ge, get, x, m, b, s, r, gm, gx, n);
-}
-inline void grad_span(const double* ge, const double* get, const double* x, const double* m, const double* b,
-                      int64_t s, const double* r, double* gm, double* gx, int64_t n) {
-  compose_grad_span_f64(ge, get, x, m, b, s, r, gm, gx, n);
-}
+MEDCAM_CPU_CLONES(void, grad_span, compose_grad_span<float>,
+                  (const float* ge, const float* get, const float* x, const float* m, const float* b, int64_t s,
+                   const float* r, float* gm, float* gx, int64_t n),
+                  (ge, get, x, m, b, s, r, gm, gx, n))
+MEDCAM_CPU_CLONES(void, grad_span, compose_grad_span<double>,
+                  (const double* ge, const double* get, const double* x, const double* m, const double* b,
+                   int64_t s, const double* r, double* gm, double* gx, int64_t n),
+                  (ge, get, x, m, b, s, r, gm, gx, n))
 
 // Copies n values of src, starting at src[0] with stride `step` (0 broadcasts), into dst as acc_t.
 template <typename scalar_t, typename acc_t>

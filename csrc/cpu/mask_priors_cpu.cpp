@@ -10,12 +10,7 @@
 #include <vector>
 
 #include "checks.h"
-
-#if MEDCAM_FAST_TARGET_CLONES
-#define MEDCAM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MEDCAM_CLONES
-#endif
+#include "cpu/isa.h"
 
 namespace medcam_fast {
 namespace {
@@ -27,7 +22,7 @@ template <typename T>
 constexpr int lanes() { return 64 / sizeof(T); }
 
 template <typename T>
-inline T sum_abs_diff(const T* __restrict a, const T* __restrict b, int64_t n) {
+MEDCAM_ALWAYS_INLINE T sum_abs_diff(const T* __restrict a, const T* __restrict b, int64_t n) {
   constexpr int L = lanes<T>();
   T acc[L] = {};
   int64_t k = 0;
@@ -39,13 +34,13 @@ inline T sum_abs_diff(const T* __restrict a, const T* __restrict b, int64_t n) {
   return s;
 }
 
-inline float sigmoid(float v) { return 1.f / (1.f + std::exp(-v)); }
-inline double sigmoid(double v) { return 1.0 / (1.0 + std::exp(-v)); }
+MEDCAM_ALWAYS_INLINE float sigmoid(float v) { return 1.f / (1.f + std::exp(-v)); }
+MEDCAM_ALWAYS_INLINE double sigmoid(double v) { return 1.0 / (1.0 + std::exp(-v)); }
 
 // Sums of the six terms over rows [r0, r1) of a p plane whose row r is at rows[r] (rows outside
 // [0, H) are never read).
 template <typename T>
-inline void chunk_sums_impl(const T* const* rows, int64_t H, int64_t W, int64_t r0, int64_t r1, double* out) {
+MEDCAM_ALWAYS_INLINE void chunk_sums_impl(const T* const* rows, int64_t H, int64_t W, int64_t r0, int64_t r1, double* out) {
   constexpr int L = lanes<T>();
   double s[kTerms] = {};
   for (int64_t i = r0; i < r1; ++i) {
@@ -82,19 +77,19 @@ inline void chunk_sums_impl(const T* const* rows, int64_t H, int64_t W, int64_t 
   for (int t = 0; t < kTerms; ++t) out[t] = s[t];
 }
 
-MEDCAM_CLONES void chunk_sums(const float* const* rows, int64_t H, int64_t W, int64_t r0, int64_t r1, double* out) {
-  chunk_sums_impl(rows, H, W, r0, r1, out);
-}
-MEDCAM_CLONES void chunk_sums(const double* const* rows, int64_t H, int64_t W, int64_t r0, int64_t r1, double* out) {
-  chunk_sums_impl(rows, H, W, r0, r1, out);
-}
+MEDCAM_CPU_CLONES(void, chunk_sums, chunk_sums_impl<float>,
+                  (const float* const* rows, int64_t H, int64_t W, int64_t r0, int64_t r1, double* out),
+                  (rows, H, W, r0, r1, out))
+MEDCAM_CPU_CLONES(void, chunk_sums, chunk_sums_impl<double>,
+                  (const double* const* rows, int64_t H, int64_t W, int64_t r0, int64_t r1, double* out),
+                  (rows, H, W, r0, r1, out))
 
 template <typename T>
-inline T sgn(T v) { return T(v > T(0)) - T(v < T(0)); }
+MEDCAM_ALWAYS_INLINE T sgn(T v) { return T(v > T(0)) - T(v < T(0)); }
 
 // d prior / d p at (i, j) with full bounds checks; used on the edge columns.
 template <typename T>
-inline T pixel_grad(const T* const* rows, int64_t H, int64_t W, int64_t i, int64_t j, T a0, T a1, T cv, T ch, T cd) {
+MEDCAM_ALWAYS_INLINE T pixel_grad(const T* const* rows, int64_t H, int64_t W, int64_t i, int64_t j, T a0, T a1, T cv, T ch, T cd) {
   const T pc = rows[i][j];
   T g = a0 + a1 * (T(1) - T(2) * pc);
   if (j > 0) g += ch * sgn(pc - rows[i][j - 1]);
@@ -116,7 +111,7 @@ inline T pixel_grad(const T* const* rows, int64_t H, int64_t W, int64_t i, int64
 
 // Interior columns 1..W-2 of row i: no column bounds, row neighbours selected at compile time.
 template <typename T, bool UP, bool DOWN>
-inline void row_grad_interior(const T* __restrict u, const T* __restrict p, const T* __restrict d, T* __restrict g,
+MEDCAM_ALWAYS_INLINE void row_grad_interior(const T* __restrict u, const T* __restrict p, const T* __restrict d, T* __restrict g,
                               int64_t W, T a0, T a1, T cv, T ch, T cd) {
   for (int64_t j = 1; j + 1 < W; ++j) {
     const T pc = p[j];
@@ -128,7 +123,7 @@ inline void row_grad_interior(const T* __restrict u, const T* __restrict p, cons
 }
 
 template <typename T>
-inline void chunk_grad_impl(const T* const* rows, int64_t H, int64_t W, int64_t r0, int64_t r1, T* const* grows,
+MEDCAM_ALWAYS_INLINE void chunk_grad_impl(const T* const* rows, int64_t H, int64_t W, int64_t r0, int64_t r1, T* const* grows,
                             T a0, T a1, T cv, T ch, T cd) {
   for (int64_t i = r0; i < r1; ++i) {
     const T* u = i > 0 ? rows[i - 1] : nullptr;
@@ -147,14 +142,14 @@ inline void chunk_grad_impl(const T* const* rows, int64_t H, int64_t W, int64_t 
   }
 }
 
-MEDCAM_CLONES void chunk_grad(const float* const* rows, int64_t H, int64_t W, int64_t r0, int64_t r1,
-                              float* const* grows, float a0, float a1, float cv, float ch, float cd) {
-  chunk_grad_impl(rows, H, W, r0, r1, grows, a0, a1, cv, ch, cd);
-}
-MEDCAM_CLONES void chunk_grad(const double* const* rows, int64_t H, int64_t W, int64_t r0, int64_t r1,
-                              double* const* grows, double a0, double a1, double cv, double ch, double cd) {
-  chunk_grad_impl(rows, H, W, r0, r1, grows, a0, a1, cv, ch, cd);
-}
+MEDCAM_CPU_CLONES(void, chunk_grad, chunk_grad_impl<float>,
+                  (const float* const* rows, int64_t H, int64_t W, int64_t r0, int64_t r1, float* const* grows,
+                   float a0, float a1, float cv, float ch, float cd),
+                  (rows, H, W, r0, r1, grows, a0, a1, cv, ch, cd))
+MEDCAM_CPU_CLONES(void, chunk_grad, chunk_grad_impl<double>,
+                  (const double* const* rows, int64_t H, int64_t W, int64_t r0, int64_t r1, double* const* grows,
+                   double a0, double a1, double cv, double ch, double cd),
+                  (rows, H, W, r0, r1, grows, a0, a1, cv, ch, cd))
 
 // Gives row pointers of p = m (or sigmoid(m/T)) as acc_t for rows [lo, hi) of one plane. Reads the
 // input in place when no conversion is needed, else converts into `storage`.

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import metrics
-from ..explain import Explainer, MedCAMConfig, plain_config, reference_config
+from ..medcam import Explainer, MedCAMConfig, plain_config, reference_config
 from .sufficiency import SWEEP, area_to_sufficiency, kept_robust_of_masks, pick_backgrounds, sufficiency_curve
 
 ROAD_PERCENTILES = (10, 30, 50, 70, 90)

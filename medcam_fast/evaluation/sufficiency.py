@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..baselines.gradcam import top_k_mask
-from ..explain.verify import batched_logits
+from ..medcam.verify import batched_logits
 
 SWEEP = (0.05, 0.10, 0.20, 0.30, 0.50, 0.70, 0.90)
 

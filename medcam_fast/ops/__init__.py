@@ -10,6 +10,7 @@ where m is 0. In the fused backward, |d|' at a NaN difference is taken as 0 (the
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from .. import _ext
 from . import naive
 
-__all__ = ["mask_priors", "compose", "naive"]
+__all__ = ["mask_priors", "compose", "naive", "cpu_isa", "cpu_isas", "set_cpu_isa", "forced_cpu_isa"]
 
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -25,6 +26,39 @@ if _ext.state()["cpu_ops"]:
     from . import _registrations
 
     _registrations.register()
+
+
+def cpu_isa() -> str | None:
+    """The CPU clone the kernels run ("avx512", "avx2" or "scalar"); None without the extension."""
+    return torch.ops.medcam_fast.cpu_isa() if _ext.state()["cpu_ops"] else None
+
+
+def cpu_isas() -> list[str]:
+    """The CPU clones this machine can run, best first (empty without the extension)."""
+    return torch.ops.medcam_fast.cpu_isas().split(",") if _ext.state()["cpu_ops"] else []
+
+
+def set_cpu_isa(isa: str) -> str:
+    """Runs the CPU kernels' ``isa`` clone from now on ("auto", "avx512", "avx2" or "scalar"; the
+    start value comes from ``MEDCAM_FAST_CPU_ISA``). Returns the clone now active. All clones give
+    the same results bit for bit; this exists to test that. ValueError for a clone the CPU lacks."""
+    if not _ext.state()["cpu_ops"]:
+        raise ValueError(f"no compiled CPU kernels: {_ext.state()['error']}")
+    try:
+        return torch.ops.medcam_fast.set_cpu_isa(str(isa))
+    except RuntimeError as exc:
+        raise ValueError(str(exc).splitlines()[0]) from None
+
+
+@contextlib.contextmanager
+def forced_cpu_isa(isa: str):
+    """Context manager: the kernels run the ``isa`` clone inside, the previous one after."""
+    before = cpu_isa()
+    set_cpu_isa(isa)
+    try:
+        yield
+    finally:
+        set_cpu_isa(before)
 
 
 def _check_float(t: torch.Tensor, name: str) -> None:
@@ -47,7 +81,7 @@ def mask_priors(m: torch.Tensor, diagonal: bool = False, logits: bool = False,
     Returns:
         ``[N,3]`` in m's dtype: area = mean(p), binarisation = mean(p(1-p)),
         tv = mean|p[i+1,j]-p[i,j]| + mean|p[i,j+1]-p[i,j]| (a mean over no pairs is 0).
-        Under autocast it computes in float32 and returns m's dtype.
+        Under autocast (a reduction, as torch's own) it computes and returns float32.
     """
     _check_float(m, "m")
     if m.dim() != 4 or m.shape[1] != 1:
@@ -58,6 +92,9 @@ def mask_priors(m: torch.Tensor, diagonal: bool = False, logits: bool = False,
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if _ext.has_kernel(m.device):
         return torch.ops.medcam_fast.mask_priors(m, bool(diagonal), bool(logits), float(temperature))
+    if torch.is_autocast_enabled(m.device.type):  # the kernels' autocast policy, for the twin
+        with torch.autocast(m.device.type, enabled=False):
+            return naive.mask_priors(m.float(), diagonal=diagonal, logits=logits, temperature=temperature)
     return naive.mask_priors(m, diagonal=diagonal, logits=logits, temperature=temperature)
 
 
@@ -75,13 +112,13 @@ def _baseline_for_kernel(baseline, x: torch.Tensor) -> torch.Tensor:
     return baseline.expand(n, c, h, w).contiguous()
 
 
-def _normalise_baseline(baseline, x: torch.Tensor) -> torch.Tensor:
+def _normalise_baseline(baseline, x: torch.Tensor, mixed_ok: bool) -> torch.Tensor:
     if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool):
         return torch.full((x.shape[1],), float(baseline), dtype=x.dtype, device=x.device)
     _check_float(baseline, "baseline")
     if baseline.device != x.device:
         raise ValueError(f"baseline is on {baseline.device}, x on {x.device}")
-    if baseline.dtype != x.dtype:
+    if baseline.dtype != x.dtype and not mixed_ok:
         raise ValueError(f"baseline must have x's dtype {x.dtype}, got {baseline.dtype}")
     if baseline.dim() == 1 and baseline.shape[0] == x.shape[1] and baseline.shape[0] != 1:
         return baseline  # per-channel [C]
@@ -105,10 +142,13 @@ def compose(x: torch.Tensor, m: torch.Tensor, baseline, background: torch.Tensor
             (``[C,1,1]``, ``[1,C,1,1]``, ``[N,C,H,W]``, ...).
         background: ``[N,C,H,W]`` robustness background r.
 
+    All tensors share x's dtype, except under autocast: there any float dtypes are taken (a bf16
+    mask on a float32 image, say), computed in float32 and returned in x's dtype.
+
     Returns:
         ``[2N,C,H,W]``: rows ``0..N-1`` are ``e = m*x + (1-m)*baseline``, rows ``N..2N-1`` are
         ``e~ = m*x + (1-m)*background``. Backward gives dm (summed over channels) and dx when
-        x requires grad. Under autocast it computes in float32 and returns x's dtype.
+        x requires grad.
     """
     _check_float(x, "x")
     if x.dim() != 4:
@@ -120,14 +160,18 @@ def compose(x: torch.Tensor, m: torch.Tensor, baseline, background: torch.Tensor
     _check_float(background, "background")
     if tuple(background.shape) != tuple(x.shape):
         raise ValueError(f"background must have x's shape {tuple(x.shape)}, got {tuple(background.shape)}")
+    autocast = torch.is_autocast_enabled(x.device.type)
     for name, t in (("m", m), ("background", background)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}")
-        if t.dtype != x.dtype:
+        if t.dtype != x.dtype and not autocast:
             raise ValueError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
-    b = _normalise_baseline(baseline, x)
+    b = _normalise_baseline(baseline, x, mixed_ok=autocast)
     if _ext.has_kernel(x.device):
         return torch.ops.medcam_fast.compose(x, m, b, background)
     if b.dim() == 1:
         b = b.view(1, c, 1, 1)
+    if autocast:  # the kernels' autocast policy, for the twin
+        with torch.autocast(x.device.type, enabled=False):
+            return naive.compose(x.float(), m.float(), b.float(), background.float()).to(x.dtype)
     return naive.compose(x, m, b, background)

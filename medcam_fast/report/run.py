@@ -69,7 +69,7 @@ def explain_to_report(loaded, items, failures, out_dir, config, device, seed: in
     import torch
 
     from ..data import read_mask
-    from ..explain import Explainer
+    from ..medcam import Explainer
 
     out, err = out or sys.stdout, err or sys.stderr
     out_dir = Path(out_dir)

@@ -50,10 +50,10 @@ def straight_through(mask_logits: torch.Tensor, cfg: MedCAMConfig, progress: flo
         width = 1 - progress / cfg.anneal
         threshold = cfg.threshold + width * (noise - cfg.threshold)
     hard = (soft > threshold).to(soft.dtype)
-    if cfg.st_slope > 0:
-        lin = mask_logits * (cfg.st_slope / cfg.mask_temperature)
-        return soft, hard + lin - lin.detach()
-    return soft, hard + soft - soft.detach()
+    # (g - g.detach()) is exactly 0 in the forward pass, so m is exactly 0/1 there;
+    # hard + g - g.detach() would round to 1 ulp off 0/1
+    g = mask_logits * (cfg.st_slope / cfg.mask_temperature) if cfg.st_slope > 0 else soft
+    return soft, (g - g.detach()) + hard
 
 
 def compose_all(x, m, baseline, backgrounds: list[torch.Tensor]) -> torch.Tensor:
@@ -95,7 +95,7 @@ def fast_loss(clf, x, label, m, mask_logits, backgrounds, targets, cfg: MedCAMCo
         # down then have equal footing (a vanishing sigmoid slope only on one side lets logits run away)
         soft = torch.sigmoid(mask_logits / cfg.mask_temperature)
         lin = mask_logits * (cfg.st_slope / cfg.mask_temperature)
-        pri = ops.mask_priors(soft.detach() + lin - lin.detach(), diagonal=cfg.tv_diagonal)
+        pri = ops.mask_priors((lin - lin.detach()) + soft.detach(), diagonal=cfg.tv_diagonal)
     else:
         pri = losses.mask_priors(mask_logits, cfg.mask_temperature, cfg.tv_diagonal)
     minimal = cfg.area * pri[:, 0] + cfg.bin * pri[:, 1] + cfg.tv * pri[:, 2]
