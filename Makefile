@@ -8,7 +8,7 @@ OUT    ?= demo_out
 BENCH_JSON := benchmarks/results/json
 DATA   ?= ../shared/data
 
-.PHONY: all venv build test demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx clean
+.PHONY: all venv build test test-suite test-isa demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx clean
 
 all: test
 
@@ -27,8 +27,27 @@ build: $(STAMP)
 	$(BIN)/pip install -v --no-build-isolation -e .
 	$(BIN)/python -c "import medcam_fast; print('build_info:', medcam_fast.build_info())"
 
-test: build
+test: test-suite test-isa
+
+test-suite: build
 	MEDCAM_FAST_REQUIRE_OPS=1 $(BIN)/python -m pytest -q tests
+
+# The fit-outcome tests once more under every other CPU clone this machine runs, with torch's own
+# kernels held to the same instruction set (ATen, oneDNN, MKL): an AVX2 or baseline x86-64 machine,
+# emulated. The active clone's pass is test-suite's.
+FIT_TESTS := tests/test_explain.py tests/test_batching.py tests/test_ops.py -k "planted or batched or clones"
+test-isa: build
+	@isas=$$($(BIN)/python -c "from medcam_fast import ops; print(' '.join(ops.cpu_isas()[1:]))"); \
+	echo "CPU clones beyond the active one: $${isas:-none}"; \
+	for isa in $$isas; do \
+	  case $$isa in \
+	    avx2) aten=avx2; dnnl=AVX2; mkl=AVX2 ;; \
+	    *) aten=default; dnnl=SSE41; mkl=SSE4_2 ;; \
+	  esac; \
+	  echo "== fit-outcome tests: clone $$isa, torch held to $$aten / oneDNN $$dnnl / MKL $$mkl"; \
+	  MEDCAM_FAST_CPU_ISA=$$isa ATEN_CPU_CAPABILITY=$$aten ONEDNN_MAX_CPU_ISA=$$dnnl MKL_ENABLE_INSTRUCTIONS=$$mkl \
+	    MEDCAM_FAST_REQUIRE_OPS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(FIT_TESTS) || exit 1; \
+	done
 
 demo: build
 	$(BIN)/medcam-fast demo --out $(OUT)

@@ -29,10 +29,8 @@ def test_unet_step(benchmark, bench_device, request, grid_index, batching):
     if grid_index >= len(grid):
         pytest.skip("not in this device's grid")
     size, n = grid[grid_index]
-    cfg = MedCAMConfig()
-    unet = StackedUNet(n, 1, cfg.unet_widths, cfg.unet_scale, cfg.init_bias, 0, torch.device(bench_device),
-                       torch.float32, cfg.logit_bound, cfg.standardise, batching, cfg.unet_upsample,
-                       cfg.std_floor).requires_grad_()
+    cfg = MedCAMConfig(unet_batching=batching)
+    unet = StackedUNet.from_config(cfg, n, 1, device=torch.device(bench_device)).requires_grad_()
     x = torch.randn(n, 1, size, size, device=bench_device)
 
     def step():

@@ -165,7 +165,8 @@ def cmd_evaluate(args) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     summary = evaluate_dataset(args.dataset, args.data, args.classifier, args.out, n=args.n, methods=methods,
                                reference_images=args.reference_images, sanity_images=args.sanity_images,
-                               seed=args.seed, batch=args.batch, weights_dir=args.weights_dir, progress=progress)
+                               pool_size=args.pool_size, tune_size=args.tune_size, seed=args.seed, batch=args.batch,
+                               weights_dir=args.weights_dir, progress=progress)
     if bar is not None:
         bar.close()
     print(markdown_table({k: v for k, v in summary.items() if not k.startswith("_")}))
@@ -251,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-images", type=int, default=3, help="images for the slow reference mode")
     p.add_argument("--sanity-images", type=int, default=8, help="images for the randomisation check (0: skip)")
     p.add_argument("--batch", type=int, default=16, help="images per Med-CAM call")
+    p.add_argument("--pool-size", type=int, default=64, help="val images for counterfactual backgrounds")
+    p.add_argument("--tune-size", type=int, default=40, help="other val images for the CAM thresholds")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_evaluate)
     return ap

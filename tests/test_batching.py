@@ -22,36 +22,40 @@ def setup():
     return model, x, xr[yr == 0][:12]
 
 
-def _same(a, b, tol_area=0.02, min_iou=0.7):
-    """Stated tolerance: same label and kept, area within 2 points, mask IoU >= 0.7. Grouped and
-    single convolutions (and classifier batches of other sizes) sum in other orders; the float32
-    rounding differences then grow over the fit, where a pixel's soft value sits near its random
-    threshold, so masks agree closely but not bit for bit."""
-    assert torch.equal(a.label, b.label)
-    assert torch.equal(a.kept, b.kept)
-    assert (a.area - b.area).abs().max() <= tol_area
-    inter = (a.mask & b.mask).flatten(1).sum(1).float()
-    union = (a.mask | b.mask).flatten(1).sum(1).float().clamp(min=1)
-    assert (inter / union).min() >= min_iou
+def _iou(a, b):
+    return ((a & b).sum() / (a | b).sum().clamp(min=1)).item()
 
 
 def test_batched_matches_one_by_one(setup):
-    # tolerance: grouped convolutions may sum in another order than single ones (float32 rounding)
+    # The fit is chaotic: grouped and single convolutions, and classifier batches of other sizes,
+    # round differently, and the differences grow where a pixel's soft value sits near its random
+    # threshold. So the paths agree in what the fit finds, not bit for bit. Measured here over 6
+    # seeds x 4 images (24 pairs): labels and kept always equal, steps at most one check window
+    # apart, batched-vs-single mask IoU median 0.90 and >= 0.38 in 23 of 24 (the other: a fit
+    # that failed on one side), against a median of 0.49 between two seeds of the same path.
+    # IoU >= 0.3 admits masks two grid steps apart on the same ranking (1% against 3%: 0.33); the
+    # bound (pooled over 3 seeds, 12 pairs) allows three fit failures where 1 in 24 was seen.
+    # Mixing images up, or fitting one image with another's U-Net, gives IoU ~0 and fails it.
     model, x, ref = setup
     ex = Explainer(model, CFG, reference=ref)
-    batched = ex(x, seed=3)
-    singles = [ex(x[i:i + 1], seed=3) for i in range(x.shape[0])]
-    for i, one in enumerate(singles):
-        row = type(batched)(**{k: (v[i:i + 1] if torch.is_tensor(v) else v) for k, v in vars(batched).items()})
-        _same(row, one)
-        # each image stops on its own: within one check window of its one-by-one stop
-        assert abs(int(batched.steps[i]) - int(one.steps[0])) <= CFG.check_every
+    ious = []
+    for seed in (0, 1, 2):
+        batched = ex(x, seed=seed)
+        singles = [ex(x[i:i + 1], seed=seed) for i in range(x.shape[0])]
+        for i, one in enumerate(singles):
+            assert batched.label[i] == one.label[0] and batched.kept[i] == one.kept[0], (seed, i)
+            # each image stops on its own: within one check window of its one-by-one stop
+            assert abs(int(batched.steps[i]) - int(one.steps[0])) <= CFG.check_every, (seed, i)
+            ious.append(_iou(batched.mask[i], one.mask[0]))
+    assert sum(v >= 0.3 for v in ious) >= 9, ious
 
 
 def test_out_of_memory_halves_and_keeps_order(setup, monkeypatch):
+    # halving ends in one-image fits here, so the result must equal one-image fits bit for bit,
+    # each image in its place
     model, x, ref = setup
+    expect = Explainer(model, CFG.replace(max_batch=1), reference=ref)(x, seed=3)
     ex = Explainer(model, CFG.replace(max_batch=4), reference=ref)
-    expect = ex(x, seed=3)
     real, sizes = explainer_mod.fit_fast, []
 
     def flaky(clf, xs, *args, **kwargs):
@@ -64,7 +68,8 @@ def test_out_of_memory_halves_and_keeps_order(setup, monkeypatch):
     with pytest.warns(RuntimeWarning, match="halving"):
         got = ex(x, seed=3)
     assert sizes == [4, 2, 1, 1, 2, 1, 1]
-    _same(got, expect)
+    assert torch.equal(got.soft_mask, expect.soft_mask) and torch.equal(got.steps, expect.steps)
+    assert torch.equal(got.mask, expect.mask) and torch.equal(got.kept, expect.kept)
 
 
 def test_other_errors_are_not_swallowed(setup, monkeypatch):
@@ -96,17 +101,29 @@ def test_concurrent_calls_from_threads(setup):
     for t in threads:
         t.join()
     assert not errors, errors
-    for i in range(4):
-        _same(got[i], expect[i], tol_area=0.0, min_iou=1.0)  # same shapes: bitwise equal
+    for i in range(4):  # same shapes and seeds: bit for bit
+        assert torch.equal(got[i].soft_mask, expect[i].soft_mask) and torch.equal(got[i].mask, expect[i].mask)
+        assert torch.equal(got[i].kept, expect[i].kept) and torch.equal(got[i].label, expect[i].label)
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
 
 
-def test_bf16_autocast_path_runs(setup):
-    # amp=True on CPU exercises the autocast path (the ops' fp32 policy, fp32 losses); CUDA uses it by default
+@pytest.mark.parametrize("amp", [False, True])
+def test_bf16_autocast_path(setup, amp):
+    # amp=True (the CUDA default) on CPU: the classifier pass runs in bf16 during the fit (seen by a
+    # hook), the losses in fp32, and the fit still finds the planted square. Found = IoU >= 0.3;
+    # at least 2 of 4 (a fit fails on about 1 image in 10 in fp32 too).
     model, x, ref = setup
-    res = Explainer(model, CFG.replace(steps=20, min_steps=10, amp=True), reference=ref)(x[:1])
-    assert res.mask.shape == (1, 64, 64) and res.kept.dtype == torch.bool
-    assert torch.isfinite(res.soft_mask).all()
+    _, _, planted = make_planted(4, seed=21, positive_only=True)
+    seen = set()
+    hook = model[0].register_forward_hook(lambda mod, inp, out: seen.add(out.dtype) if torch.is_grad_enabled()
+                                          else None)
+    try:
+        res = Explainer(model, CFG.replace(amp=amp), reference=ref)(x)
+    finally:
+        hook.remove()
+    assert seen == ({torch.bfloat16} if amp else {torch.float32}), seen
+    assert torch.isfinite(res.soft_mask).all() and res.kept.all()
+    assert sum(_iou(res.mask[i], planted[i]) >= 0.3 for i in range(4)) >= 2
 
 
 @pytest.mark.parametrize("upsample", ["bilinear", "transpose"])
@@ -117,8 +134,9 @@ def test_unet_batchings_agree(upsample):
     x = torch.randn(3, 2, 32, 32, generator=torch.Generator().manual_seed(0))
     outs, grads = {}, {}
     for batching in ("grouped", "loop", "vmap"):
-        unet = StackedUNet(3, 2, (8, 16), 2, 0.0, 0, torch.device("cpu"), torch.float32, 0.0, 3.0, batching,
-                           upsample, 1.0).requires_grad_()
+        cfg = MedCAMConfig(unet_widths=(8, 16), unet_scale=2, init_bias=0.0, unet_batching=batching,
+                           unet_upsample=upsample)
+        unet = StackedUNet.from_config(cfg, 3, 2).requires_grad_()
         out = unet(x)
         out.sigmoid().pow(2).mean().backward()
         outs[batching], grads[batching] = out.detach(), [p.grad.clone() for p in unet.parameters()]

@@ -1,8 +1,10 @@
 """The build: the compiled ops are present where required, and a bad build falls back loudly."""
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,3 +82,19 @@ def test_build_info_reports_archs_and_clones():
         assert info["cuda_arch_list"] and _ext._parse_arch_list(info["cuda_arch_list"])
     if info["cpu_ops"]:
         assert info["cpu_isa"] in info["cpu_isas"]
+
+
+def test_gpu_check_script_is_consistent():
+    # benchmarks/gpu_check.sh runs only where a GPU is lent: keep it parseable, its files real,
+    # and every failure counted (no step may run outside `step`)
+    root = Path(__file__).resolve().parents[1]
+    script = root / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    for ref in set(re.findall(r"(?:tests|benchmarks)/[\w/]+\.(?:py|sh|md)", text)):
+        assert (root / ref).is_file(), f"gpu_check.sh names {ref}, which does not exist"
+    assert "exit 1" in text and 'failed+=' in text
+    lines = text.splitlines()
+    for prev, line in zip([""] + lines, lines):
+        if re.match(r"\s*\$PY -m pytest", line) and not prev.rstrip().endswith("\\"):
+            raise AssertionError(f"a pytest run outside step(): its failure would not count: {line}")

@@ -75,7 +75,7 @@ def test_read_mask(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------ DICOM
 def write_dicom(path, pixels, window=None, photometric="MONOCHROME2", rescale=None):
-    pytest.importorskip("pydicom")
+    import pydicom  # noqa: F401  (pinned in requirements.txt: fails, never skips)
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -149,7 +149,7 @@ def test_dicom_monochrome1_is_inverted(tmp_path, ct_ramp):
 @pytest.fixture
 def nifti(tmp_path):
     """A 20x24x5 volume; slice k has its brightest voxel at (k+1, 2k+1)."""
-    nib = pytest.importorskip("nibabel")
+    import nibabel as nib
     vol = np.zeros((20, 24, 5), np.float32)
     for k in range(5):
         vol[:, :, k] = np.linspace(0, 1, 20 * 24).reshape(20, 24) * 10
@@ -260,7 +260,7 @@ def test_preprocess_16bit_pil_and_array():
 
 
 def test_preprocess_from_timm_model():
-    timm = pytest.importorskip("timm")
+    import timm
     m = timm.create_model("resnet10t", pretrained=False, num_classes=3,
                           pretrained_cfg_overlay={"input_size": (1, 48, 40), "mean": (0.3,), "std": (0.2,)})
     pre = Preprocess.from_model(m)

@@ -110,3 +110,75 @@ def test_patchnet_saliency_is_a_method(tmp_path):
     assert json.loads((tmp_path / "thresholds.json").read_text()).keys() == {"patchnet_raw", "patchnet_smooth"}
     # the square's patch has the highest logit: its (blocky) map points at the square within 15 px
     assert all(r["pointing"] == 1.0 for r in records if r["method"] == "patchnet_raw")
+
+
+def _tiny_brain_mri(root, per_split=(("test", 3), ("val", 12)), size=48):
+    """A brain_mri-format folder (split.csv, images/<class>/, masks/<class>/) of generated images:
+    a bright disc (the "tumour", also its mask) on noise; the class sets the disc's corner."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    classes = ("glioma", "meningioma", "pituitary")
+    rows, k = ["id,label,split,image,mask"], 0
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for split, n in per_split:
+        for i in range(n):
+            label = classes[i % 3]
+            cy, cx = [(12, 12), (12, 36), (36, 24)][i % 3]
+            disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 25
+            img = (torch.rand(size, size, generator=g) * 80 + disc * 160).clamp(0, 255).to(torch.uint8)
+            for sub in ("images", "masks"):
+                (root / sub / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.numpy()).save(root / "images" / label / f"{k}.jpg")
+            Image.fromarray((disc * 255).to(torch.uint8).numpy()).save(root / "masks" / label / f"{k}.png")
+            rows.append(f"{k},{label},{split},images/{label}/{k}.jpg,masks/{label}/{k}.png")
+            k += 1
+    (root / "split.csv").write_text("\n".join(rows) + "\n")
+
+
+def _tiny_card(weights_dir, name="tiny_brain", size=48):
+    """An untrained timm classifier with a model card, as benchmarks/train_classifier.py writes them."""
+    from safetensors.torch import save_file
+
+    from medcam_fast.zoo import build_model
+
+    spec = {"arch": "resnet10t", "num_classes": 3, "in_chans": 1, "input_size": [1, size, size], "mean": [0.3],
+            "std": [0.25], "patch_size": 0}
+    torch.manual_seed(0)
+    model = build_model(spec)
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    save_file(model.state_dict(), str(weights_dir / f"{name}.safetensors"))
+    card = {"name": name, "model": spec, "class_names": ["glioma", "meningioma", "pituitary"],
+            "metrics": {"test": {"accuracy": 0.0, "balanced_accuracy": 0.0}, "val": {}}}
+    (weights_dir / f"{name}.json").write_text(json.dumps(card))
+    return name
+
+
+def test_evaluate_command_end_to_end(tmp_path, capsys):
+    # `medcam-fast evaluate` on a generated brain_mri-format folder and an untrained classifier:
+    # every method scores every test image, the report and records are written, a rerun resumes
+    from medcam_fast import cli
+
+    data, out = tmp_path / "brain_mri", tmp_path / "report"
+    _tiny_brain_mri(data)
+    name = _tiny_card(tmp_path / "weights")
+    argv = ["evaluate", "--dataset", "brain_mri", "--data", str(data), "--classifier", name,
+            "--weights-dir", str(tmp_path / "weights"), "--out", str(out), "--n", "3",
+            "--methods", "medcam,gradcam", "--sanity-images", "0", "--batch", "3", "--pool-size", "8",
+            "--tune-size", "4"]
+    assert cli.main(argv) == 0
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert sorted((r["method"], r["id"]) for r in records) == sorted(
+        (m, f"brain_{i}") for m in ("medcam", "gradcam") for i in range(3))
+    for r in records:
+        assert 0.0 <= r["area"] <= 1.0 and r["kept"] in (True, False)
+    report = (out / "results.md").read_text()
+    assert "| medcam | 3 |" in report and "| gradcam | 3 |" in report and "resnet10t" in report
+    assert json.loads((out / "results.json").read_text())
+    assert (out / "examples.png").is_file() and (out / "sufficiency_curve.png").is_file()
+    assert "medcam" in capsys.readouterr().out                  # the summary table is printed
+    assert cli.main(argv) == 0                                   # resumes: nothing is recomputed
+    assert (out / "records.jsonl").read_text().count("\n") == len(records)
+    # too few val images for the pool and the thresholds: a clear error, not a crash
+    assert cli.main(argv[:-4] + ["--pool-size", "64", "--tune-size", "4", "--out", str(tmp_path / "again")]) == 2
+    assert "no val images beyond the 12 already used" in capsys.readouterr().err

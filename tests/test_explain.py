@@ -29,16 +29,25 @@ def _iou(a, b):
 # ---------------------------------------------------------------- (a) planted evidence
 
 
-def test_planted_evidence_is_found(planted_model):
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planted_evidence_is_found(planted_model, seed):
+    # Robust statistics over 20 images, so that a fit that fails on one image (it happens, on
+    # every CPU, to about 1 image in 10: a flat map, most of the image kept) cannot decide the
+    # outcome. Bounds against what 3 seeds x 20 images gave on this machine and with every CPU
+    # clone (see the README): median area 0.98% against the square's 1.2%, median IoU 0.82, 85-95%
+    # of images found. Each bound is that figure with a wide margin, and still fails a method
+    # that does not find the square (a random 1.2% mask has IoU ~0.01).
     x, _, planted = make_planted(20, seed=11, positive_only=True)
     xr, yr, _ = make_planted(64, seed=9)
     reference = xr[yr == 0][:16]  # images without the square: the counterfactual context
-    res = explain(planted_model, x, reference=reference)
+    res = explain(planted_model, x, reference=reference, seed=seed)
     shape_area = SQUARE * SQUARE / (64 * 64)
     iou = _iou(res.mask, planted)
+    found = (iou >= 0.3) & (res.area <= 3 * shape_area)
     assert res.kept.float().mean() >= 0.9, res.kept
-    assert res.area.mean() <= 3 * shape_area, (res.area, shape_area)
-    assert iou.mean() >= 0.3, iou
+    assert res.area.median() <= 2 * shape_area, (res.area, shape_area)
+    assert iou.median() >= 0.5, iou
+    assert found.float().mean() >= 0.7, (iou, res.area)
 
 
 # ---------------------------------------------------------------- (b) loss terms
@@ -262,3 +271,94 @@ def test_bad_config_and_mode(planted_model):
 def test_device_mismatch_is_refused(planted_model):
     with pytest.raises(ValueError, match="never moves your model"):
         Explainer(planted_model, device="cuda:0")
+
+
+# ---------------------------------------------------------------- sufficiency verification
+
+
+class _Corner(nn.Module):
+    """Class 1 when the top-left 4x4 block's mean exceeds 0.5, by construction."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += x.shape[0]
+        s = x[:, 0, :4, :4].mean(dim=(1, 2)) - 0.5
+        return torch.stack([-s, s], dim=1) * 10
+
+
+def _corner_case(k=32):
+    x = torch.zeros(2, 1, 8, 8)
+    x[:, 0, :4, :4] = 1.0
+    masks = torch.zeros(2, 3, 8, 8, dtype=torch.bool)
+    masks[:, 0] = True                        # the whole image: sufficient
+    masks[:, 1, :4, :4] = True                # the corner: sufficient
+    masks[:, 2, 4:, 4:] = True                # elsewhere: never
+    bgs = torch.zeros(2, k, 1, 8, 8)
+    bgs[:, ::9, 0, :4, :4] = 1.0              # 4 of 32 backgrounds carry the corner themselves
+    return x, torch.ones(2, dtype=torch.long), masks, bgs
+
+
+def test_sequential_kept_robust_decides_as_all_composites():
+    from medcam_fast.medcam.verify import allowed_failures, check_candidates, kept_robust_of_masks
+
+    assert allowed_failures(32, 0.9) == 3 and allowed_failures(8, 0.9) == 0 and allowed_failures(10, 0.9) == 1
+    x, label, masks, bgs = _corner_case()
+    model = _Corner()
+    suff = check_candidates(model, x, label, masks, 0.0, bgs, 64, threshold=0.9)
+    full = kept_robust_of_masks(model, x, label, masks, bgs)
+    assert suff.kept.tolist() == [[True, True, False]] * 2
+    torch.testing.assert_close(suff.kept_robust[:, :2], full[:, :2])    # run to the end: exact
+    assert torch.isnan(suff.kept_robust[:, 2]).all()                    # not kept: never needed
+    # a candidate that loses more than 3 of 32 stops early, below the threshold
+    model.calls = 0
+    needed = torch.tensor([[False, False, True]] * 2)
+    from medcam_fast.medcam.verify import sequential_kept_robust
+    rob = sequential_kept_robust(model, x, label, masks, bgs, needed, 0.9, 64)
+    assert model.calls == 2 * 8 and (rob[:, 2] < 0.9).all()           # one chunk of 8, then stopped
+    suff = check_candidates(model, x, label, masks, 0.0, bgs, 64, untestable=torch.tensor([True, False]))
+    assert torch.isnan(suff.kept_robust[0]).all() and not torch.isnan(suff.kept_robust[1, 0])
+
+
+def test_image_without_counterfactual_is_untestable(planted_model, monkeypatch):
+    # an image with no background of another label must not be verified on a placeholder
+    from medcam_fast.medcam import explainer as explainer_mod
+
+    real = explainer_mod.build_pool
+
+    def one_missing(*args, **kwargs):
+        pool = real(*args, **kwargs)
+        pool.missing = torch.tensor([True, False])
+        return pool
+
+    monkeypatch.setattr(explainer_mod, "build_pool", one_missing)
+    x, _, _ = make_planted(2, seed=2, positive_only=True)
+    xr, yr, _ = make_planted(64, seed=9)
+    res = explain(planted_model, x, config=QUICK, reference=xr[yr == 0][:16])
+    assert math.isnan(res.kept_robust[0]) and not math.isnan(res.kept_robust[1])
+    assert res.status[0] in ("not_kept", "null_keeps_label") and "counterfactual" in res.reason[0] + res.selection[0]
+
+
+@pytest.mark.parametrize("n_ref, k", [(40, 8), (12, 8), (3, 32), (1, 4)])
+def test_counterfactual_pool_keeps_verification_apart(n_ref, k):
+    from medcam_fast.medcam.counterfactual import build_pool
+
+    model = _Corner()
+    x = torch.zeros(2, 1, 8, 8)
+    x[:, 0, :4, :4] = 1.0                                           # both class 1
+    ref = torch.zeros(n_ref, 1, 8, 8)                                # all class 0
+    ref += torch.arange(n_ref).view(-1, 1, 1, 1) * 1e-3              # distinct images
+    pool = build_pool(model, x, torch.ones(2, dtype=torch.long), ref, k, seed=0, batch_size=64, use_batch=False)
+    assert pool.verify_index.shape == (2, k) and not pool.missing.any()
+    for i in range(2):
+        verify, train = set(pool.verify_index[i].tolist()), set(pool.train_eligible[i].tolist())
+        eligible = len(verify | train)
+        assert (pool.labels[list(verify | train)] == 0).all()     # only other labels
+        if eligible >= 2:
+            assert not verify & train and len(verify) == min(k, eligible // 2), (verify, train)
+            if eligible // 2 < k:
+                assert "distinct verification backgrounds" in pool.description
+        else:
+            assert verify == train

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
-timm = pytest.importorskip("timm")
+import onnx
+import onnxruntime as ort
+import onnxscript  # noqa: F401  (pinned in requirements.txt: fails, never skips)
+import timm
 
 from medcam_fast.onnx import (OnnxExportError, OnnxInputError, OnnxModelError, OnnxParityError,  # noqa: E402
                               OrtClassifier, export_classifier, resolve_providers)
@@ -242,15 +242,72 @@ def test_classifier_details(cnn_clf):
 
 
 def test_providers_reported(cnn_export, cnn_clf):
-    assert cnn_clf.providers == cnn_clf.session.get_providers() == [CPU]
+    # `providers` is what onnxruntime gave, not what was asked: ask for CUDA first and check that
+    # a machine without a GPU reports CPU only (and warns), a GPU machine CUDA first
+    assert cnn_clf.providers == [CPU]
+    gpu = torch.cuda.is_available() and CUDA_FIRST in ort.get_available_providers()
+    if gpu:
+        asked = OrtClassifier(cnn_export[1], providers="cuda", intra_op_threads=1)
+        assert asked.providers[0] == CUDA_FIRST
+    else:
+        with pytest.warns(RuntimeWarning, match="onnxruntime gave"):
+            asked = OrtClassifier(cnn_export[1], providers="cuda", intra_op_threads=1)
+        assert asked.providers == [CPU]
+    assert resolve_providers("cuda") == [CUDA_FIRST, CPU]
+    assert resolve_providers("auto") == ([CUDA_FIRST, CPU] if gpu else [CPU])
     auto = OrtClassifier(cnn_export[1], intra_op_threads=1)
-    assert auto.providers == auto.session.get_providers()
-    want = CUDA_FIRST if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers() \
-        else CPU
-    assert resolve_providers("auto")[0] == want
-    if not torch.cuda.is_available():
-        assert auto.providers == [CPU]
+    assert auto.providers == ([CUDA_FIRST, CPU] if gpu else [CPU])
 
+
+class _SpyBinding:
+    """Wraps a real IOBinding and records its bind/synchronize calls."""
+
+    def __init__(self, real, calls):
+        self.real, self.calls = real, calls
+
+    def __getattr__(self, name):
+        attr = getattr(self.real, name)
+        if not name.startswith(("bind_", "synchronize")):
+            return attr
+
+        def record(*args):
+            self.calls.append((name, args))
+            return attr(*args)
+        return record
+
+
+class _SpySession:
+    """Delegates to a real InferenceSession and records the IO-binding calls."""
+
+    def __init__(self, session):
+        self._session, self.calls = session, []
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def io_binding(self):
+        return _SpyBinding(self._session.io_binding(), self.calls)
+
+    def run_with_iobinding(self, binding, *args):
+        self.calls.append(("run_with_iobinding", ()))
+        return self._session.run_with_iobinding(binding.real, *args)
+
+
+def test_io_binding_path_on_cpu(cnn_export, cnn_clf):
+    # The IO-binding path (CUDA's, here with CPU memory): the input's memory and a preallocated
+    # output are bound, ORT writes into the output, and the logits equal the plain path's.
+    clf = OrtClassifier(cnn_export[1], providers="cpu", intra_op_threads=1, io_binding=True)
+    spy = _SpySession(clf.session)
+    clf.session = spy
+    x = torch.randn(3, 3, 32, 32)
+    got = clf(x)
+    names = [c[0] for c in spy.calls]
+    assert names == ["bind_input", "bind_output", "run_with_iobinding", "synchronize_outputs"], names
+    bind_in, bind_out = spy.calls[0][1], spy.calls[1][1]
+    assert bind_in[1:4] == ("cpu", 0, np.float32) and bind_in[4] == [3, 3, 32, 32]
+    assert bind_out[4] == [3, 4] and bind_out[5] == got.data_ptr()   # ORT wrote into the returned tensor
+    torch.testing.assert_close(got, cnn_clf(x), atol=1e-6, rtol=0)
+    assert OrtClassifier(cnn_export[1], providers="cpu", io_binding=False)(x).shape == (3, 4)
 
 
 def test_thread_safety(cnn_export, cnn_clf):

@@ -38,12 +38,12 @@ def test_ort_forward_matches_torch_path(setup):
     assert torch.equal(a.soft_mask, b.soft_mask)  # the fit (gradient passes) is torch's in both
     assert torch.equal(a.label, b.label) and torch.equal(a.kept, b.kept)
     torch.testing.assert_close(a.prob_input, b.prob_input, atol=1e-4, rtol=0)
-    # where both chose the same binary mask, every figure agrees; a candidate at the sufficiency
-    # boundary may be chosen on one side only (1e-5 logit differences), so compare ORT on torch's masks
-    same = [i for i in range(len(a)) if torch.equal(a.mask[i], b.mask[i])]
-    assert len(same) >= len(a) // 2
-    torch.testing.assert_close(a.prob_evidence[same], b.prob_evidence[same], atol=1e-4, rtol=0)
-    torch.testing.assert_close(a.kept_robust[same], b.kept_robust[same], atol=0, rtol=0, equal_nan=True)
+    # the same binary masks and figures: onnxruntime's logits differ from torch's by ~1e-6, and a
+    # pick changed by such differences in none of 132 (image, seed) cases measured on the planted
+    # task and brain_mri val (benchmarks/results/sufficiency_rule_val.md)
+    assert torch.equal(a.mask, b.mask)
+    torch.testing.assert_close(a.prob_evidence, b.prob_evidence, atol=1e-4, rtol=0)
+    torch.testing.assert_close(a.kept_robust, b.kept_robust, atol=0, rtol=0, equal_nan=True)
     p_ort = ort(a.evidence).softmax(1).gather(1, a.label[:, None])[:, 0]
     torch.testing.assert_close(p_ort, a.prob_evidence, atol=1e-4, rtol=0)
 

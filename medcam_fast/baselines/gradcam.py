@@ -62,6 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..metrics.topk import top_k_mask
 from ..models.freeze import frozen
 from ..patchnet import PatchNet
 
@@ -405,42 +406,3 @@ def cam_maps(model: nn.Module, x: torch.Tensor, label: torch.Tensor, method: str
 
 
 # --- cutting a map to an area ---------------------------------------------------------------------------
-
-def top_k_mask(saliency: torch.Tensor, area) -> torch.Tensor:
-    """The top-``area`` fraction of pixels of each map: ``[N, H, W]`` bool.
-
-    Args:
-        saliency: ``[N, H, W]`` real values (no NaN); higher is more salient.
-        area: a fraction in ``[0, 1]``, or a tensor ``[N]`` of them (one per image).
-
-    Image ``i`` keeps exactly ``k_i = floor(area_i * H * W + 0.5)`` pixels (round half up), the
-    ``k_i`` highest. Ties are broken stably: among equal values the pixel that comes first in
-    row-major order wins (a stable descending sort of the flattened map).
-    """
-    if not isinstance(saliency, torch.Tensor) or saliency.dim() != 3:
-        raise ValueError(f"saliency must be a tensor [N, H, W], got "
-                         f"{tuple(saliency.shape) if isinstance(saliency, torch.Tensor) else type(saliency).__name__}")
-    if saliency.is_complex():
-        raise ValueError("saliency must be real")
-    if saliency.dtype == torch.bool:
-        saliency = saliency.to(torch.uint8)
-    if saliency.is_floating_point() and torch.isnan(saliency).any():
-        raise ValueError("saliency contains NaN")
-    n, h, w = saliency.shape
-    if isinstance(area, torch.Tensor):
-        if area.dim() == 0:
-            area = area.reshape(1).expand(n)
-        if area.dim() != 1 or area.shape[0] != n:
-            raise ValueError(f"area must be a float or a tensor [N] with N={n}, got shape {tuple(area.shape)}")
-        area = area.detach().to(device=saliency.device, dtype=torch.float64)
-    elif isinstance(area, (int, float)) and not isinstance(area, bool):
-        area = torch.full((n,), float(area), dtype=torch.float64, device=saliency.device)
-    else:
-        raise ValueError(f"area must be a float or a tensor [N], got {type(area).__name__}")
-    if not bool(((area >= 0) & (area <= 1)).all()):  # also rejects NaN
-        raise ValueError("area must lie in [0, 1]")
-    k = torch.floor(area * (h * w) + 0.5).to(torch.long)
-    flat = saliency.reshape(n, h * w)
-    order = torch.sort(flat, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(h * w, device=order.device).expand(n, -1))
-    return (rank < k[:, None]).reshape(n, h, w)

@@ -29,6 +29,9 @@ def load_split(dataset: str, root, split: str, preprocess, n: int | None, seed: 
 
     samples, _ = (brain_mri if dataset == "brain_mri" else isic2018)(root, split)
     samples = [s for s in samples if s.name not in set(skip)]
+    if not samples:
+        raise ValueError(f"{dataset} at {root}: no {split} images" + (f" beyond the {len(skip)} already used"
+                                                                       if skip else ""))
     if n is not None and n < len(samples):
         samples = random.Random(seed).sample(samples, n)
     x = torch.stack([preprocess(s.path) for s in samples])

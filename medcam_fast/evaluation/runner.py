@@ -42,7 +42,7 @@ class EvalOptions:
     methods: tuple[str, ...] = ("medcam",) + CAM_METHODS
     reference_images: int = 3       # reference mode is minutes per image: a few only
     batch: int = 16                 # images per Med-CAM call
-    n_robust: int = 8
+    n_robust: int = MedCAMConfig.n_robust
     seed: int = 0
     medcam: MedCAMConfig = field(default_factory=MedCAMConfig)
     reference: MedCAMConfig = field(default_factory=reference_config)
@@ -213,7 +213,7 @@ class Evaluation:
 
     def _cam_at_medcam_area(self, method, idx, maps, records) -> None:
         """kept_robust of the CAM's top-k pixels at Med-CAM's own area on the same image."""
-        from ..baselines.gradcam import top_k_mask
+        from ..metrics.topk import top_k_mask
 
         areas = [self.done.get(("medcam", self.data.ids[i]), {}).get("area") for i in idx]
         if any(a is None for a in areas):

@@ -145,7 +145,7 @@ class Explainer:
             areas = cfg.area_grid if (cfg.minimal_search or cfg.repair) else ()
             masks, names = candidate_masks(logits.detach(), thr_logit, areas)
             suff = check_candidates(self._frozen_forward, x, label, masks, cfg.baseline, pool.verify_backgrounds(),
-                                    cfg.max_batch)
+                                    cfg.max_batch, cfg.robust_threshold, pool.missing)
             idx, notes = choose(masks, names, suff, cfg)
         rows = torch.arange(n, device=x.device)
         mask = masks[rows, idx]

@@ -110,13 +110,12 @@ def fit_fast(clf, x, label, targets, sampler: BackgroundSampler, cfg: MedCAMConf
 
     An image stops when, at ``patience`` checks in a row (one every ``check_every`` steps), its
     binary evidence and its robust composites kept the label at every step of the window and its
-    mean loss over the window changed by less than ``plateau`` (relative) from the window before;
+    loss summed over the window changed by less than ``plateau`` (relative) from the window before
+    (windows have ``check_every`` steps each, so this is the relative change of the mean too);
     it then leaves the batch. The host syncs only at checks.
     """
     n_all, device = x.shape[0], x.device
-    unet = StackedUNet(n_all, x.shape[1], cfg.unet_widths, cfg.unet_scale, cfg.init_bias, seed, device,
-                       x.dtype, cfg.logit_bound, cfg.standardise, cfg.unet_batching, cfg.unet_upsample,
-                       cfg.std_floor).requires_grad_()
+    unet = StackedUNet.from_config(cfg, n_all, x.shape[1], seed, device, x.dtype).requires_grad_()
     opt = StackedAdam(unet.parameters(), cfg.lr, lr_scale=unet.lr_scales(cfg.offset_lr_scale))
     metrics = layer_metrics(cfg, len(clf.layers))
     final = torch.empty(n_all, 1, *x.shape[2:], device=device, dtype=x.dtype)
@@ -188,8 +187,7 @@ def fit_reference(clf, x, label, cfg: MedCAMConfig, seed: int) -> FitResult:
     metrics = layer_metrics(cfg, len(clf.layers))
     for i in range(x.shape[0]):
         xi, yi = x[i:i + 1], label[i:i + 1]
-        unet = StackedUNet(1, x.shape[1], cfg.unet_widths, cfg.unet_scale, cfg.init_bias, seed, x.device,
-                           x.dtype).requires_grad_()
+        unet = StackedUNet.from_config(cfg, 1, x.shape[1], seed, x.device, x.dtype).requires_grad_()
         opt = StackedAdam(unet.parameters(), cfg.lr)
         gen = torch.Generator(device=x.device).manual_seed(int(seed))
         for _ in range(cfg.steps):

@@ -37,13 +37,15 @@ class StackedUNet:
         upsample: "transpose" (ConvTranspose2d, as the paper) or "bilinear" (x2 then a 1x1 conv).
         batching: how the G networks run: "grouped" (one grouped convolution per layer), "loop"
             (one ordinary convolution per network) or "vmap" (torch.func.vmap over the group axis).
+        std_floor: standardise by ``std + std_floor`` (a still-flat map stays flat).
         seed: every group gets the same initial weights from this seed, so a batched fit
             matches fitting each image alone.
+
+    The settings have no defaults here: :class:`MedCAMConfig` holds them (``from_config``).
     """
 
-    def __init__(self, groups, in_chans, widths=(16, 32, 64), scale=1, init_bias=0.0, seed=0,
-                 device=None, dtype=torch.float32, logit_bound=0.0, standardise=0.0, batching="grouped",
-                 upsample="transpose", std_floor=1e-6):
+    def __init__(self, groups, in_chans, *, widths, scale, init_bias, logit_bound, standardise, batching,
+                 upsample, std_floor, seed=0, device=None, dtype=torch.float32):
         if len(widths) < 1:
             raise ValueError("unet widths must name at least one level")
         self.groups, self.in_chans, self.widths, self.scale = groups, in_chans, tuple(widths), scale
@@ -78,6 +80,14 @@ class StackedUNet:
             # "where" (the standardised map) and "how much" (one offset per image) learn separately
             p["offset"] = torch.full((groups, 1), float(init_bias), device=device, dtype=dtype)
         self.params = p
+
+    @classmethod
+    def from_config(cls, cfg, groups: int, in_chans: int, seed: int = 0, device=None,
+                    dtype=torch.float32) -> "StackedUNet":
+        """The U-Net stack that ``cfg`` (a :class:`MedCAMConfig`) describes."""
+        return cls(groups, in_chans, widths=cfg.unet_widths, scale=cfg.unet_scale, init_bias=cfg.init_bias,
+                   logit_bound=cfg.logit_bound, standardise=cfg.standardise, batching=cfg.unet_batching,
+                   upsample=cfg.unet_upsample, std_floor=cfg.std_floor, seed=seed, device=device, dtype=dtype)
 
     @property
     def multiple(self) -> int:

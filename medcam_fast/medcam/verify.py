@@ -2,9 +2,12 @@
 (null audit, counterfactual sufficiency), the choice of the smallest sufficient mask, the status."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from ..metrics.topk import top_k_mask
 
 STATUSES = ("ok", "null_keeps_label", "not_minimal", "not_kept")
 
@@ -19,7 +22,7 @@ def batched_logits(forward, x: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 def candidate_masks(mask_logits: torch.Tensor, threshold_logit: float, areas) -> tuple[torch.Tensor, list[str]]:
     """Binary candidates per image: the threshold mask, then the top-a fraction of pixels ranked
-    by the mask logits for each area a (level sets of the soft mask).
+    by the mask logits for each area a (level sets of the soft mask; :func:`top_k_mask`'s rule).
 
     Args:
         mask_logits: ``[N,1,H,W]``.
@@ -29,15 +32,34 @@ def candidate_masks(mask_logits: torch.Tensor, threshold_logit: float, areas) ->
     Returns:
         masks ``[N,M,H,W]`` bool (M = 1 + len(areas)) and their names.
     """
-    n, _, h, w = mask_logits.shape
-    flat = mask_logits.reshape(n, h * w)
-    thr = flat > threshold_logit
-    order = flat.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(h * w, device=flat.device).expand(n, -1))
-    tops = [rank < max(1, int(a * h * w)) for a in areas]  # floor: a "top a" mask never exceeds a
-    masks = torch.stack([thr, *tops], dim=1).view(n, -1, h, w)
+    flat = mask_logits[:, 0]
+    masks = torch.stack([flat > threshold_logit, *[top_k_mask(flat, a) for a in areas]], dim=1)
     return masks, ["threshold"] + [f"top {a:.1%}" for a in areas]
+
+
+@torch.no_grad()
+def kept_robust_of_masks(forward, x, label, masks, backgrounds, batch_size: int = 64) -> torch.Tensor:
+    """Fraction of composites ``m*x + (1-m)*x'`` keeping the label (Med-CAM's ``kept_robust``).
+
+    Args:
+        forward: ``[B,C,H,W] -> [B,K]`` logits.
+        x: ``[N,C,H,W]``; label: ``[N]``; masks: bool ``[N,H,W]`` or ``[N,M,H,W]`` (M candidates).
+        backgrounds: ``[N,k,C,H,W]`` counterfactual images.
+
+    Returns:
+        ``[N]`` or ``[N,M]`` in [0,1].
+    """
+    squeeze = masks.dim() == 3
+    m = masks[:, None] if squeeze else masks
+    n, mc = m.shape[:2]
+    k = backgrounds.shape[1]
+    out = torch.empty(n, mc, device=x.device)
+    for j in range(mc):  # per candidate: [N,k] composites in one chunked pass
+        mj = m[:, j, None, None].to(x.dtype)                              # [N,1,1,H,W]
+        comp = mj * x[:, None] + (1 - mj) * backgrounds                    # [N,k,C,H,W]
+        logits = batched_logits(forward, comp.flatten(0, 1), batch_size).view(n, k, -1)
+        out[:, j] = (logits.argmax(-1) == label[:, None]).float().mean(1)
+    return out[:, 0] if squeeze else out
 
 
 @dataclass
@@ -49,11 +71,57 @@ class Sufficiency:
     kept_robust: torch.Tensor
 
 
+def allowed_failures(k: int, threshold: float) -> int:
+    """Composites of ``k`` that a sufficient candidate may lose: the most f with 1 - f/k >= threshold."""
+    return k - math.ceil(threshold * k - 1e-9)
+
+
 @torch.no_grad()
-def check_candidates(forward, x, label, masks, baseline: float, robust_bgs, batch_size: int) -> Sufficiency:
+def sequential_kept_robust(forward, x, label, masks, backgrounds, needed, threshold: float, batch_size: int,
+                           chunk: int = 8) -> torch.Tensor:
+    """kept_robust ``[N,M]`` for the candidates in ``needed`` ``[N,M]`` (NaN elsewhere), run ``chunk``
+    composites at a time: a candidate stops once it has lost more than :func:`allowed_failures`, since
+    it can no longer be sufficient. Its value is then the fraction over the composites it ran (below
+    ``threshold`` by construction); every candidate that may be sufficient runs all K, so the
+    decision is the one all K composites give, at a fraction of the passes.
+
+    Args:
+        masks: bool ``[N,M,H,W]``; backgrounds: ``[N,K,C,H,W]``; needed: bool ``[N,M]``.
+    """
+    n, m_count = masks.shape[:2]
+    k = backgrounds.shape[1]
+    limit = allowed_failures(k, threshold)
+    out = torch.full((n, m_count), float("nan"), device=x.device)
+    for j in range(m_count):
+        rows = needed[:, j].nonzero().flatten()
+        fails = torch.zeros(rows.numel(), dtype=torch.long, device=x.device)
+        seen = torch.zeros_like(fails)
+        live = torch.arange(rows.numel(), device=x.device)
+        for c0 in range(0, k, chunk):
+            if live.numel() == 0:
+                break
+            r = rows[live]
+            mj = masks[r, j][:, None, None].to(x.dtype)                       # [R,1,1,H,W]
+            comp = mj * x[r][:, None] + (1 - mj) * backgrounds[r, c0:c0 + chunk]
+            kc = comp.shape[1]
+            logits = batched_logits(forward, comp.flatten(0, 1), batch_size).view(r.numel(), kc, -1)
+            fails[live] += (logits.argmax(-1) != label[r][:, None]).sum(1)
+            seen[live] += kc
+            live = live[fails[live] <= limit]
+        out[rows, j] = 1 - fails.float() / seen.clamp(min=1).float()
+    return out
+
+
+@torch.no_grad()
+def check_candidates(forward, x, label, masks, baseline: float, robust_bgs, batch_size: int,
+                     threshold: float = 0.9, untestable: torch.Tensor | None = None) -> Sufficiency:
     """Runs f on every candidate's evidence m*x + (1-m)*baseline and, when ``robust_bgs``
     ``[N,K,C,H,W]`` is given, on its K composites m*x + (1-m)*x' (kept_robust = fraction kept).
-    Without backgrounds kept_robust is NaN."""
+
+    kept_robust is computed where it can matter: for the candidates kept on the baseline and for
+    the threshold mask (a fallback), with :func:`sequential_kept_robust`; NaN for the others, and
+    for every candidate of the ``untestable`` ``[N]`` images (no background of another label).
+    Without backgrounds kept_robust is NaN everywhere."""
     n, m_count = masks.shape[:2]
     mf = masks.to(x.dtype).unsqueeze(2)                                 # [N,M,1,H,W]
     ev = mf * x.unsqueeze(1) + (1 - mf) * baseline                     # [N,M,C,H,W]
@@ -62,14 +130,12 @@ def check_candidates(forward, x, label, masks, baseline: float, robust_bgs, batc
     kept = logits.argmax(-1) == label.view(n, 1)
     if robust_bgs is None:
         return Sufficiency(kept, prob, torch.full_like(prob, float("nan")))
-    k = robust_bgs.shape[1]
-    rob = torch.empty(n, m_count, device=x.device)
-    for j in range(m_count):  # per candidate: [N,K] composites
-        mj = mf[:, j].unsqueeze(1)                                      # [N,1,1,H,W]
-        comp = mj * x.unsqueeze(1) + (1 - mj) * robust_bgs              # [N,K,C,H,W]
-        out = batched_logits(forward, comp.flatten(0, 1), batch_size).view(n, k, -1)
-        rob[:, j] = (out.argmax(-1) == label.view(n, 1)).float().mean(1)
-    return Sufficiency(kept, prob, rob)
+    needed = kept.clone()
+    needed[:, 0] = True
+    if untestable is not None:
+        needed[untestable.to(needed.device)] = False
+    return Sufficiency(kept, prob, sequential_kept_robust(forward, x, label, masks, robust_bgs, needed, threshold,
+                                                          batch_size))
 
 
 def choose(masks, names, suff: Sufficiency, cfg):

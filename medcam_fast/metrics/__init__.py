@@ -9,11 +9,12 @@ from .decision import confidence_change, connected_components, decision_kept, ke
 from .localisation import binarise, dice, hit_rate, iou, normalise, pointing_game, tune_threshold
 from .road import ROADResult, noisy_linear_impute, road, road_masks
 from .sanity import cascading_randomisation, default_stages, spearman
+from .topk import pixel_count, top_k_mask
 
 __all__ = [
     "CurveResult", "ROADResult",
     "binarise", "cascading_randomisation", "confidence_change", "connected_components", "decision_kept",
     "default_stages", "deletion", "dice", "gaussian_blur", "hit_rate", "insertion", "iou", "kept_rate",
-    "mask_area", "noisy_linear_impute", "normalise", "pointing_game", "road", "road_masks", "spearman",
-    "tune_threshold",
+    "mask_area", "noisy_linear_impute", "normalise", "pixel_count", "pointing_game", "road", "road_masks",
+    "spearman", "top_k_mask", "tune_threshold",
 ]
