@@ -34,7 +34,9 @@ test-suite: build
 
 # The fit-outcome tests once more under every other CPU clone this machine runs, with torch's own
 # kernels held to the same instruction set (ATen, oneDNN, MKL): an AVX2 or baseline x86-64 machine,
-# emulated. The active clone's pass is test-suite's.
+# emulated. The active clone's pass is test-suite's. Each ISA gets its own Inductor cache: the
+# cache does not key on ATEN_CPU_CAPABILITY, and a kernel compiled under another one gave wrong
+# values (avx2) or failed to compile (default) when reused.
 FIT_TESTS := tests/test_explain.py tests/test_batching.py tests/test_ops.py -k "planted or batched or clones"
 test-isa: build
 	@isas=$$($(BIN)/python -c "from medcam_fast import ops; print(' '.join(ops.cpu_isas()[1:]))"); \
@@ -45,6 +47,7 @@ test-isa: build
 	    *) aten=default; dnnl=SSE41; mkl=SSE4_2 ;; \
 	  esac; \
 	  echo "== fit-outcome tests: clone $$isa, torch held to $$aten / oneDNN $$dnnl / MKL $$mkl"; \
+	  TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor-$$isa \
 	  MEDCAM_FAST_CPU_ISA=$$isa ATEN_CPU_CAPABILITY=$$aten ONEDNN_MAX_CPU_ISA=$$dnnl MKL_ENABLE_INSTRUCTIONS=$$mkl \
 	    MEDCAM_FAST_REQUIRE_OPS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(FIT_TESTS) || exit 1; \
 	done
