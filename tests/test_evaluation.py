@@ -9,15 +9,7 @@ from medcam_fast import MedCAMConfig
 from medcam_fast.evaluation import (EvalOptions, EvalSet, Evaluation, area_to_sufficiency, example_grid, example_maps,
                                     kept_robust_of_masks, pick_backgrounds, sufficiency_curve, write_report)
 
-from planted import make_planted, train_tiny_cnn
-
-
-class RegionClassifier(nn.Module):
-    """Class 1 when the mean of the top-left 4x4 block exceeds 0.5, by construction."""
-
-    def forward(self, x):
-        s = x[:, 0, :4, :4].mean(dim=(1, 2)) - 0.5
-        return torch.stack([-s, s], dim=1) * 10
+from planted import CornerClassifier, make_planted, train_tiny_cnn
 
 
 def test_pick_backgrounds_only_other_labels():
@@ -32,7 +24,7 @@ def test_pick_backgrounds_only_other_labels():
 
 
 def test_kept_robust_and_curve_known_answers():
-    model = RegionClassifier()
+    model = CornerClassifier()
     x = torch.zeros(1, 1, 8, 8)
     x[0, 0, :4, :4] = 1.0                                   # class 1 because of the corner
     bgs = torch.zeros(1, 8, 1, 8, 8)                         # class-0 backgrounds

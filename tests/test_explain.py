@@ -10,7 +10,7 @@ from medcam_fast.medcam import losses
 from medcam_fast.medcam.fit import fit_reference
 from medcam_fast.models.adapter import FrozenClassifier
 
-from planted import SQUARE, make_planted, tiny_cnn, train_tiny_cnn
+from planted import SQUARE, CornerClassifier, make_planted, tiny_cnn, train_tiny_cnn
 
 QUICK = MedCAMConfig(steps=30, min_steps=10, check_every=10)
 
@@ -277,19 +277,6 @@ def test_device_mismatch_is_refused(planted_model):
 # ---------------------------------------------------------------- sufficiency verification
 
 
-class _Corner(nn.Module):
-    """Class 1 when the top-left 4x4 block's mean exceeds 0.5, by construction."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += x.shape[0]
-        s = x[:, 0, :4, :4].mean(dim=(1, 2)) - 0.5
-        return torch.stack([-s, s], dim=1) * 10
-
-
 def _corner_case(k=32):
     x = torch.zeros(2, 1, 8, 8)
     x[:, 0, :4, :4] = 1.0
@@ -307,7 +294,7 @@ def test_sequential_kept_robust_decides_as_all_composites():
 
     assert allowed_failures(32, 0.9) == 3 and allowed_failures(8, 0.9) == 0 and allowed_failures(10, 0.9) == 1
     x, label, masks, bgs = _corner_case()
-    model = _Corner()
+    model = CornerClassifier()
     suff = check_candidates(model, x, label, masks, 0.0, bgs, 64, threshold=0.9)
     full = kept_robust_of_masks(model, x, label, masks, bgs)
     assert suff.kept.tolist() == [[True, True, False]] * 2
@@ -346,7 +333,7 @@ def test_image_without_counterfactual_is_untestable(planted_model, monkeypatch):
 def test_counterfactual_pool_keeps_verification_apart(n_ref, k):
     from medcam_fast.medcam.counterfactual import build_pool
 
-    model = _Corner()
+    model = CornerClassifier()
     x = torch.zeros(2, 1, 8, 8)
     x[:, 0, :4, :4] = 1.0                                           # both class 1
     ref = torch.zeros(n_ref, 1, 8, 8)                                # all class 0

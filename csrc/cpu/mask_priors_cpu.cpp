@@ -40,7 +40,8 @@ MEDCAM_ALWAYS_INLINE double sigmoid(double v) { return 1.0 / (1.0 + std::exp(-v)
 // Sums of the six terms over rows [r0, r1) of a p plane whose row r is at rows[r] (rows outside
 // [0, H) are never read).
 template <typename T>
-MEDCAM_ALWAYS_INLINE void chunk_sums_impl(const T* const* rows, int64_t H, int64_t W, int64_t r0, int64_t r1, double* out) {
+MEDCAM_ALWAYS_INLINE void chunk_sums_impl(const T* const* rows, int64_t H, int64_t W, int64_t r0, int64_t r1,
+                                          double* out) {
   constexpr int L = lanes<T>();
   double s[kTerms] = {};
   for (int64_t i = r0; i < r1; ++i) {
@@ -89,7 +90,8 @@ MEDCAM_ALWAYS_INLINE T sgn(T v) { return T(v > T(0)) - T(v < T(0)); }
 
 // d prior / d p at (i, j) with full bounds checks; used on the edge columns.
 template <typename T>
-MEDCAM_ALWAYS_INLINE T pixel_grad(const T* const* rows, int64_t H, int64_t W, int64_t i, int64_t j, T a0, T a1, T cv, T ch, T cd) {
+MEDCAM_ALWAYS_INLINE T pixel_grad(const T* const* rows, int64_t H, int64_t W, int64_t i, int64_t j, T a0, T a1, T cv,
+                                  T ch, T cd) {
   const T pc = rows[i][j];
   T g = a0 + a1 * (T(1) - T(2) * pc);
   if (j > 0) g += ch * sgn(pc - rows[i][j - 1]);
@@ -111,8 +113,8 @@ MEDCAM_ALWAYS_INLINE T pixel_grad(const T* const* rows, int64_t H, int64_t W, in
 
 // Interior columns 1..W-2 of row i: no column bounds, row neighbours selected at compile time.
 template <typename T, bool UP, bool DOWN>
-MEDCAM_ALWAYS_INLINE void row_grad_interior(const T* __restrict u, const T* __restrict p, const T* __restrict d, T* __restrict g,
-                              int64_t W, T a0, T a1, T cv, T ch, T cd) {
+MEDCAM_ALWAYS_INLINE void row_grad_interior(const T* __restrict u, const T* __restrict p, const T* __restrict d,
+                                            T* __restrict g, int64_t W, T a0, T a1, T cv, T ch, T cd) {
   for (int64_t j = 1; j + 1 < W; ++j) {
     const T pc = p[j];
     T v = a0 + a1 * (T(1) - T(2) * pc) + ch * (sgn(pc - p[j - 1]) - sgn(p[j + 1] - pc));
@@ -123,8 +125,8 @@ MEDCAM_ALWAYS_INLINE void row_grad_interior(const T* __restrict u, const T* __re
 }
 
 template <typename T>
-MEDCAM_ALWAYS_INLINE void chunk_grad_impl(const T* const* rows, int64_t H, int64_t W, int64_t r0, int64_t r1, T* const* grows,
-                            T a0, T a1, T cv, T ch, T cd) {
+MEDCAM_ALWAYS_INLINE void chunk_grad_impl(const T* const* rows, int64_t H, int64_t W, int64_t r0, int64_t r1,
+                                          T* const* grows, T a0, T a1, T cv, T ch, T cd) {
   for (int64_t i = r0; i < r1; ++i) {
     const T* u = i > 0 ? rows[i - 1] : nullptr;
     const T* d = i + 1 < H ? rows[i + 1] : nullptr;

@@ -51,14 +51,10 @@ def kept_robust_of_masks(forward, x, label, masks, backgrounds, batch_size: int 
     """
     squeeze = masks.dim() == 3
     m = masks[:, None] if squeeze else masks
-    n, mc = m.shape[:2]
-    k = backgrounds.shape[1]
-    out = torch.empty(n, mc, device=x.device)
-    for j in range(mc):  # per candidate: [N,k] composites in one chunked pass
-        mj = m[:, j, None, None].to(x.dtype)                              # [N,1,1,H,W]
-        comp = mj * x[:, None] + (1 - mj) * backgrounds                    # [N,k,C,H,W]
-        logits = batched_logits(forward, comp.flatten(0, 1), batch_size).view(n, k, -1)
-        out[:, j] = (logits.argmax(-1) == label[:, None]).float().mean(1)
+    every = torch.ones(m.shape[:2], dtype=torch.bool, device=m.device)
+    # threshold 0: no candidate is ever stopped, every one runs all k composites in one chunk
+    out = sequential_kept_robust(forward, x, label, m, backgrounds, every, 0.0, batch_size,
+                                 chunk=backgrounds.shape[1])
     return out[:, 0] if squeeze else out
 
 
