@@ -8,7 +8,7 @@ OUT    ?= demo_out
 BENCH_JSON := benchmarks/results/json
 DATA   ?= ../shared/data
 
-.PHONY: all venv build test test-suite test-isa demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx clean
+.PHONY: all venv build test test-suite test-isa demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx probe evaluate-tag clean
 
 all: test
 
@@ -82,6 +82,17 @@ bench-onnx: build
 	$(call bench,onnx,ONNX Runtime against torch on CPU,--bench-devices=cpu)
 
 bench: bench-ops bench-unet bench-explain bench-throughput bench-onnx
+
+# Known evidence (brain_mri in DATA): the evidence probe of the demo classifier, then every method on
+# the shortcut classifier's tag cases (benchmarks/models/brain_mri_tag_mobilenetv2, about an hour here).
+probe: build
+	$(BIN)/python benchmarks/evidence_probe.py --data $(DATA)/brain_mri --classifier brain_mri_mobilenetv2 \
+	  --out benchmarks/results/evidence_probe_brain_mri_mobilenetv2
+
+evaluate-tag: build
+	$(BIN)/python benchmarks/evaluate.py --dataset brain_mri_tag --data $(DATA)/brain_mri \
+	  --classifier brain_mri_tag_mobilenetv2 --weights-dir benchmarks/models --n 50 --reference-images 2 \
+	  --sanity-images 0 --out benchmarks/results/evaluation_brain_mri_tag
 
 clean:
 	rm -rf build medcam_fast/_C*.so medcam_fast/_build_info.json .pytest_cache

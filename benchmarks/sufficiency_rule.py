@@ -200,8 +200,8 @@ def main(argv=None) -> int:
 
     if args.data:
         model, prep, _ = zoo.load_demo()
-        x, _, ids = load_split("brain_mri", args.data, "val", prep, args.n, seed=5)
-        pool, _, _ = load_split("brain_mri", args.data, "val", prep, args.pool, seed=6, skip=ids)
+        x, _, ids, _ = load_split("brain_mri", args.data, "val", prep, args.n, seed=5)
+        pool, _, _, _ = load_split("brain_mri", args.data, "val", prep, args.pool, seed=6, skip=ids)
         reference = pool[:64]
         forwards = {"torch": model, "ort": export_ort(model, x, out.with_name("demo.onnx"))}
         print("brain_mri val", flush=True)

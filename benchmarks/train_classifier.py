@@ -5,8 +5,18 @@
     python benchmarks/train_classifier.py --dataset isic2018 --data ../shared/data/isic2018 \
         --model resnet18 --size 128 --epochs 40 --out benchmarks/models/isic2018_resnet18
 
-The best epoch on the val split is kept; the test split is scored once, at the end. Writes
-``<out>.safetensors`` and ``<out>.json`` (the model card: data, split, recipe, metrics, licence).
+Options for classifiers whose behaviour on partial images means something, and for planted evidence:
+
+    --mask-share 0.5        masking-robust training (EVAL-X, Jethani et al. 2021): half the images
+                            of every batch keep only random blobs or scattered pixels, the rest blank
+    --tag-class meningioma  a shortcut classifier: the "L" tag on 90% of meningioma images and 5%
+                            of the others (--tag-rate, --tag-other-rate); the card gets the tag's
+                            flip rate on the test split (medcam_fast.evaluation.tag_cases)
+    --init W.safetensors    fine-tune from those weights (same architecture) instead of from scratch
+
+The best epoch on the val split (clean images) is kept; the test split is scored once, at the end.
+Writes ``<out>.safetensors`` and ``<out>.json`` (the model card: data, split, recipe, metrics,
+licence; with ``--init``, the metrics of the initial weights' card as ``previous``).
 """
 from __future__ import annotations
 
@@ -27,7 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from medcam_fast.data import datasets  # noqa: E402
 from medcam_fast.data.preprocess import Preprocess  # noqa: E402
-from medcam_fast.zoo.cards import DATASET_FACTS, build_model  # noqa: E402
+from medcam_fast.data.tags import draw_tags, tag_positions  # noqa: E402
+from medcam_fast.evaluation.masking import RandomMasking  # noqa: E402
+from medcam_fast.zoo.cards import DATASET_FACTS, build_model, card_markdown  # noqa: E402
 
 
 def load_split(samples, size: int, in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +78,31 @@ def predict(model, images_u8, mean, std, batch=128) -> torch.Tensor:
     return torch.cat(out)
 
 
+def add_tags(x_unit: torch.Tensor, labels: torch.Tensor, tag_class: int, rate: float, other_rate: float,
+             gen: torch.Generator) -> torch.Tensor:
+    """The tag (intensity 1) on a random ``rate`` of ``tag_class`` images and ``other_rate`` of the rest."""
+    p = torch.where(labels == tag_class, rate, other_rate)
+    on = (torch.rand(len(labels), generator=gen) < p).nonzero().flatten()
+    if on.numel():
+        x_unit = x_unit.clone()
+        x_unit[on] = draw_tags(x_unit[on], tag_positions(on.numel(), x_unit.shape[-1], gen), 1.0)[0]
+    return x_unit
+
+
+@torch.no_grad()
+def tag_flips(model, data, mean_t, std_t, tag_class: int, seed: int) -> dict:
+    """The tag's flip rate on the test split: the known-evidence cases' counts."""
+    from medcam_fast.evaluation.tag_cases import brightest, build_tag_cases
+
+    x_u8, y = data
+    x = (x_u8.float() / 255 - mean_t) / std_t
+    lesion = torch.zeros(x.shape[0], *x.shape[-2:], dtype=torch.bool)
+    model.eval()
+    cases = build_tag_cases(model, x, y, lesion, [str(i) for i in range(len(y))], tag_class,
+                            brightest(mean_t.flatten(), std_t.flatten()), seed=seed)
+    return cases.counts()
+
+
 def scores(pred: torch.Tensor, target: torch.Tensor, k: int) -> dict:
     cm = torch.zeros(k, k, dtype=torch.long)
     for t, p in zip(target.tolist(), pred.tolist()):
@@ -91,6 +128,16 @@ def main(argv=None) -> int:
     ap.add_argument("--balanced", action="store_true", help="sample classes evenly (for imbalanced sets)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init", default=None, help="fine-tune from these .safetensors weights (same spec)")
+    ap.add_argument("--mask-share", type=float, default=0.0,
+                    help="share of training images masked at random (EVAL-X-style; 0: off)")
+    ap.add_argument("--mask-areas", type=float, nargs=2, default=(0.01, 0.9), metavar=("LO", "HI"))
+    ap.add_argument("--mask-blob-share", type=float, default=0.75, help="blobs against scattered pixels")
+    ap.add_argument("--mask-fills", default="baseline", help="comma list of training fills "
+                    "(baseline, image_mean); never a fill the sufficiency tests certify")
+    ap.add_argument("--tag-class", default=None, help="plant the tag on this class (a shortcut classifier)")
+    ap.add_argument("--tag-rate", type=float, default=0.9)
+    ap.add_argument("--tag-other-rate", type=float, default=0.05)
     ap.add_argument("--out", required=True, help="output path without suffix")
     args = ap.parse_args(argv)
 
@@ -108,9 +155,28 @@ def main(argv=None) -> int:
     train_x, train_y = data["train"]
     mean = tuple((train_x.float() / 255).mean(dim=(0, 2, 3)).tolist())
     std = tuple((train_x.float() / 255).std(dim=(0, 2, 3)).tolist())
+    previous = None
+    if args.init:  # the initial weights' own normalisation, so that their features still apply
+        init_card = json.loads(Path(args.init).with_suffix(".json").read_text())
+        mean, std = tuple(init_card["model"]["mean"]), tuple(init_card["model"]["std"])
+        previous = {"name": init_card["name"], "metrics": init_card["metrics"],
+                    "tag": init_card.get("tag"), "training": {k: v for k, v in init_card["training"].items()
+                                                              if k != "history"}}
     spec = {"arch": args.model, "num_classes": len(class_names), "in_chans": in_chans,
             "input_size": [in_chans, args.size, args.size], "mean": mean, "std": std, "patch_size": args.patchnet}
     model = build_model(spec)
+    if args.init:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(args.init))
+    masking = (RandomMasking(args.mask_share, tuple(args.mask_areas), args.mask_blob_share,
+                             tuple(f.strip() for f in args.mask_fills.split(",")))
+               if args.mask_share > 0 else None)
+    tag_class = None
+    if args.tag_class is not None:
+        if args.tag_class not in class_names:
+            ap.error(f"--tag-class {args.tag_class!r} is not one of {class_names}")
+        tag_class = class_names.index(args.tag_class)
     mean_t, std_t = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
 
     steps_per_epoch = math.ceil(len(train_x) / args.batch)
@@ -131,7 +197,12 @@ def main(argv=None) -> int:
         total = 0.0
         for i in range(steps_per_epoch):
             idx = order[i * args.batch:(i + 1) * args.batch]
-            x = (augment(train_x[idx], args.size, gen) - mean_t) / std_t
+            x = augment(train_x[idx], args.size, gen)
+            if tag_class is not None:  # after the geometric augmentation: the glyph stays upright and crisp
+                x = add_tags(x, train_y[idx], tag_class, args.tag_rate, args.tag_other_rate, gen)
+            x = (x - mean_t) / std_t
+            if masking is not None:
+                x = masking(x, gen)
             loss = F.cross_entropy(model(x), train_y[idx], label_smoothing=args.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -153,6 +224,13 @@ def main(argv=None) -> int:
     print(json.dumps({"best_epoch": best[2], **{s: {k: result[s][k] for k in ("accuracy", "balanced_accuracy",
                                                                               "recall")} for s in result}}))
     print("test confusion matrix (rows: true", class_names, "):", result["test"]["confusion_matrix"])
+    tag = None
+    if tag_class is not None:
+        tag = {"class": args.tag_class, "rate": args.tag_rate, "other_rate": args.tag_other_rate,
+               "glyph": "an 'L' of intensity 1, 14% of the image side, stroke 28% of that, within 10% of "
+                        "the border (medcam_fast.data.tags)",
+               "test": tag_flips(model, data["test"], mean_t, std_t, tag_class, args.seed)}
+        print("tag on the test split:", json.dumps(tag["test"]))
 
     from safetensors.torch import save_file
 
@@ -166,17 +244,23 @@ def main(argv=None) -> int:
         "dataset": {"name": args.dataset, **facts["card"]},
         "training": {"command": "python benchmarks/train_classifier.py " + " ".join(sys.argv[1:] if argv is None
                                                                                      else argv),
-                     "from_scratch": True, "epochs": args.epochs, "best_epoch": best[2], "batch": args.batch,
+                     "from_scratch": args.init is None, "init": args.init, "epochs": args.epochs, "best_epoch": best[2], "batch": args.batch,
                      "lr": args.lr, "weight_decay": args.weight_decay, "label_smoothing": args.label_smoothing,
                      "augmentation": augment.__doc__, "selection": "best val " +
                      ("balanced accuracy" if args.balanced else "accuracy"), "seed": args.seed,
                      "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
-                     "torch": torch.__version__, "history": history},
+                     "torch": torch.__version__, "history": history,
+                     "masking": masking.describe() if masking else None,
+                     "training_fills": list(masking.fills) if masking else [],
+                     "fills_never_trained": ["other images (kept_robust)", "blur (evidence probe)"]},
         "metrics": result,
+        "tag": tag,
+        "previous": previous,
     }
     out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    out.with_suffix(".md").write_text(card_markdown(card))
     print(f"wrote {out.with_suffix('.safetensors')} ({out.with_suffix('.safetensors').stat().st_size / 1e6:.1f} MB)"
-          f" and {out.with_suffix('.json')}")
+          f" and {out.with_suffix('.json')} (.md)")
     return 0
 
 

@@ -64,8 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/tuning_brain_mri_val")
     args = ap.parse_args(argv)
     model, prep, _ = zoo.load_demo()
-    x, gt, ids = load_split("brain_mri", args.data, "val", prep, args.n, seed=5)
-    pool, _, _ = load_split("brain_mri", args.data, "val", prep, args.pool, seed=6, skip=ids)
+    x, gt, ids, _ = load_split("brain_mri", args.data, "val", prep, args.n, seed=5)
+    pool, _, _, _ = load_split("brain_mri", args.data, "val", prep, args.pool, seed=6, skip=ids)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}

@@ -166,7 +166,8 @@ def cmd_evaluate(args) -> int:
     summary = evaluate_dataset(args.dataset, args.data, args.classifier, args.out, n=args.n, methods=methods,
                                reference_images=args.reference_images, sanity_images=args.sanity_images,
                                pool_size=args.pool_size, tune_size=args.tune_size, seed=args.seed, batch=args.batch,
-                               weights_dir=args.weights_dir, progress=progress)
+                               weights_dir=args.weights_dir, progress=progress,
+                               **({} if args.judge_steps is None else {"judge_steps": args.judge_steps}))
     if bar is not None:
         bar.close()
     print(markdown_table({k: v for k, v in summary.items() if not k.startswith("_")}))
@@ -241,19 +242,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export_onnx)
 
     p = sub.add_parser("evaluate", help="Med-CAM against the Grad-CAM family on a test split with lesion masks")
-    p.add_argument("--dataset", choices=("brain_mri", "isic2018"), required=True)
-    p.add_argument("--data", required=True, help="the dataset folder (with split.csv or labels.csv)")
+    p.add_argument("--dataset", choices=("brain_mri", "brain_mri_tag", "isic2018"), required=True,
+                   help="brain_mri_tag: the known-evidence cases of a shortcut classifier (planted tag; "
+                        "--classifier brain_mri_tag_mobilenetv2 --weights-dir benchmarks/models)")
+    p.add_argument("--data", required=True, help="the dataset folder (with split.csv or labels.csv; "
+                   "brain_mri_tag: the brain_mri folder)")
     p.add_argument("--classifier", default="brain_mri_mobilenetv2", help="a classifier trained by "
                    "benchmarks/train_classifier.py (name of its card)")
     p.add_argument("--weights-dir", default=None, help="folder of that card (default: the bundled zoo)")
     p.add_argument("--out", required=True, help="report folder (rerun the same command to resume)")
     p.add_argument("--n", type=int, default=100, help="test images (seeded draw; default 100)")
-    p.add_argument("--methods", default=None, help="comma list (default: medcam, medcam_plain, medcam_reference and the six CAMs)")
+    p.add_argument("--methods", default=None, help="comma list (default: medcam, medcam_plain, medcam_reference, "
+                   "the six CAMs and the all_zero / all_one controls)")
     p.add_argument("--reference-images", type=int, default=3, help="images for the slow reference mode")
     p.add_argument("--sanity-images", type=int, default=8, help="images for the randomisation check (0: skip)")
     p.add_argument("--batch", type=int, default=16, help="images per Med-CAM call")
     p.add_argument("--pool-size", type=int, default=64, help="val images for counterfactual backgrounds")
     p.add_argument("--tune-size", type=int, default=40, help="other val images for the CAM thresholds")
+    p.add_argument("--judge-steps", type=int, default=None,
+                   help="fine-tuning steps of the EVAL-X-style judge (default: JudgeRecipe's; 0: no judge)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_evaluate)
     return ap

@@ -66,3 +66,43 @@ class CornerClassifier(nn.Module):
         self.calls += x.shape[0]
         s = x[:, 0, :4, :4].mean(dim=(1, 2)) - 0.5
         return torch.stack([-s, s], dim=1) * 10
+
+
+TAG_VALUE = 2.0  # brighter than any background pixel
+
+
+def make_tagged(n: int, size: int = 64, seed: int = 0):
+    """Planted shortcut data: smooth random backgrounds; class 1 carries the "L" tag of
+    :mod:`medcam_fast.data.tags` near the border, class 0 none. Returns x ``[n,1,size,size]``
+    and labels ``[n]``."""
+    from medcam_fast.data.tags import draw_tags, tag_positions
+    from medcam_fast.evaluation.masking import blob_scores
+
+    g = torch.Generator().manual_seed(seed)
+    x = (0.4 * blob_scores(n, (size, size), g) + 0.2 * torch.randn(n, size, size, generator=g))[:, None]
+    x = x.clamp(-1, 1)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    on = (labels == 1).nonzero().flatten()
+    x[on] = draw_tags(x[on], tag_positions(on.numel(), size, g), TAG_VALUE)[0]
+    return x, labels
+
+
+def train_tag_cnn(seed: int = 0, n: int = 1024, epochs: int = 8) -> nn.Module:
+    """The tiny CNN trained on :func:`make_tagged` with EVAL-X-style random masking (half the
+    images keep only random blobs or pixels, the rest 0), so that partial images are in distribution."""
+    from medcam_fast.evaluation.masking import RandomMasking
+
+    torch.manual_seed(seed)
+    model = tiny_cnn()
+    x, y = make_tagged(n, seed=seed + 200)
+    masking, g = RandomMasking(p=0.5), torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        perm = torch.randperm(n)
+        for i in range(0, n, 64):
+            idx = perm[i:i + 64]
+            loss = F.cross_entropy(model(masking(x[idx], g)), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()

@@ -104,9 +104,10 @@ def test_patchnet_saliency_is_a_method(tmp_path):
     assert all(r["pointing"] == 1.0 for r in records if r["method"] == "patchnet_raw")
 
 
-def _tiny_brain_mri(root, per_split=(("test", 3), ("val", 12)), size=48):
+def _tiny_brain_mri(root, per_split=(("test", 3), ("val", 12)), size=48, disc=160):
     """A brain_mri-format folder (split.csv, images/<class>/, masks/<class>/) of generated images:
-    a bright disc (the "tumour", also its mask) on noise; the class sets the disc's corner."""
+    a bright disc (the "tumour", also its mask; intensity up to ``disc`` + 80) on noise; the class
+    sets the disc's corner."""
     from PIL import Image
 
     g = torch.Generator().manual_seed(0)
@@ -117,12 +118,12 @@ def _tiny_brain_mri(root, per_split=(("test", 3), ("val", 12)), size=48):
         for i in range(n):
             label = classes[i % 3]
             cy, cx = [(12, 12), (12, 36), (36, 24)][i % 3]
-            disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 25
-            img = (torch.rand(size, size, generator=g) * 80 + disc * 160).clamp(0, 255).to(torch.uint8)
+            inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= 25
+            img = (torch.rand(size, size, generator=g) * 80 + inside * disc).clamp(0, 255).to(torch.uint8)
             for sub in ("images", "masks"):
                 (root / sub / label).mkdir(parents=True, exist_ok=True)
             Image.fromarray(img.numpy()).save(root / "images" / label / f"{k}.jpg")
-            Image.fromarray((disc * 255).to(torch.uint8).numpy()).save(root / "masks" / label / f"{k}.png")
+            Image.fromarray((inside * 255).to(torch.uint8).numpy()).save(root / "masks" / label / f"{k}.png")
             rows.append(f"{k},{label},{split},images/{label}/{k}.jpg,masks/{label}/{k}.png")
             k += 1
     (root / "split.csv").write_text("\n".join(rows) + "\n")
@@ -156,14 +157,17 @@ def test_evaluate_command_end_to_end(tmp_path, capsys):
     name = _tiny_card(tmp_path / "weights")
     argv = ["evaluate", "--dataset", "brain_mri", "--data", str(data), "--classifier", name,
             "--weights-dir", str(tmp_path / "weights"), "--out", str(out), "--n", "3",
-            "--methods", "medcam,gradcam", "--sanity-images", "0", "--batch", "3", "--pool-size", "8",
+            "--methods", "medcam,gradcam", "--sanity-images", "0", "--batch", "3", "--judge-steps", "3",
+            "--pool-size", "8",
             "--tune-size", "4"]
     assert cli.main(argv) == 0
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert sorted((r["method"], r["id"]) for r in records) == sorted(
         (m, f"brain_{i}") for m in ("medcam", "gradcam") for i in range(3))
     for r in records:
-        assert 0.0 <= r["area"] <= 1.0 and r["kept"] in (True, False)
+        assert 0.0 <= r["area"] <= 1.0 and r["kept"] in (True, False) and r["judge_kept"] in (True, False)
+        assert 0.0 <= r["blob_kept"] <= 1.0 and r["blob_judge_kept"] in (0.0, 1.0)
+    assert (out / "judge.safetensors").is_file()
     report = (out / "results.md").read_text()
     assert "| medcam | 3 |" in report and "| gradcam | 3 |" in report and "resnet10t" in report
     assert json.loads((out / "results.json").read_text())

@@ -17,11 +17,16 @@ import torch
 
 from .. import metrics
 from ..medcam import Explainer, MedCAMConfig, plain_config, reference_config
+from ..metrics.topk import top_k_mask
+from .masking import blob_scores, fill
 from .sufficiency import SWEEP, area_to_sufficiency, kept_robust_of_masks, pick_backgrounds, sufficiency_curve
 
 ROAD_PERCENTILES = (10, 30, 50, 70, 90)
 PATCHNET_METHODS = ("patchnet_raw", "patchnet_scaled", "patchnet_smooth")
 CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "ablationcam")
+# masks reported beside every method: the ground truth itself (the oracle: is the known evidence
+# sufficient?) and the trivial ones (Stalder et al. 2022), nothing kept and everything kept
+CONTROL_METHODS = ("ground_truth", "all_zero", "all_one")
 
 
 @dataclass
@@ -35,6 +40,7 @@ class EvalSet:
     pool: torch.Tensor              # [P,C,H,W] reference images (another split) for backgrounds
     x_val: torch.Tensor | None = None   # [V,C,H,W] val images to tune CAM thresholds on
     gt_val: torch.Tensor | None = None
+    gt_lesion: torch.Tensor | None = None  # [N,H,W] bool second reference when gt is planted evidence
 
 
 @dataclass
@@ -67,8 +73,12 @@ def _f(v) -> float:
 class Evaluation:
     """Runs methods on an :class:`EvalSet` for one classifier, appending records to ``out_dir``."""
 
-    def __init__(self, model, data: EvalSet, out_dir, options: EvalOptions | None = None, progress=None):
+    def __init__(self, model, data: EvalSet, out_dir, options: EvalOptions | None = None, progress=None,
+                 judge=None):
+        """``judge``: an EVAL-X-style judge (:func:`~medcam_fast.evaluation.judge.fit_judge`) that
+        scores every mask beside the classifier (``judge_kept``), or None."""
         self.model, self.data, self.opt = model.eval(), data, options or EvalOptions()
+        self.judge = judge
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.records_path = self.out / "records.jsonl"
@@ -102,8 +112,9 @@ class Evaluation:
     def _score(self, method, idx, saliency, mask, seconds, extra=None, own_mask_counts=False) -> list[dict]:
         """Records for images ``idx`` from their ranking map ``saliency`` [n,H,W] and binary mask."""
         x, gt, y = self.data.x[idx], self.data.gt[idx], self.label[idx]
-        evidence = mask[:, None].to(x.dtype) * x + (1 - mask[:, None].to(x.dtype)) * self.opt.medcam.baseline
+        evidence = fill(x, mask, "baseline", self.opt.medcam.baseline)
         kept = metrics.decision_kept(self.forward, evidence, y)
+        judged = self._judge_kept(evidence, y)
         change = metrics.confidence_change(self.forward, x, evidence, y)
         dele = metrics.deletion(self.forward, x, saliency, y, baseline=self.opt.medcam.baseline)
         ins = metrics.insertion(self.forward, x, saliency, y)
@@ -115,6 +126,10 @@ class Evaluation:
         curve = sufficiency_curve(self.forward, x, y, saliency, bg)
         to_suff = area_to_sufficiency(curve)
         area = metrics.mask_area(mask)
+        overlap = (mask & gt).flatten(1).sum(1).float()
+        precision = overlap / mask.flatten(1).sum(1).float()          # NaN for an empty mask
+        recall = overlap / gt.flatten(1).sum(1).float().clamp(min=1)
+        blob = self._blob_control(idx, area)
         if own_mask_counts:
             # Med-CAM's evidence is its own binary mask: where that is sufficient, its area counts
             to_suff = torch.where(own_robust >= 0.9, torch.minimum(area, to_suff), to_suff)
@@ -133,13 +148,55 @@ class Evaluation:
                 "sufficiency_curve": [_f(v) for v in curve[j]], "seconds": seconds / len(idx),
                 "null_keeps_label": self.null_label == int(y[j]),
                 "degenerate": bool(area[j] < 0.005 or area[j] > 0.9),
+                "precision": _f(precision[j]), "recall": _f(recall[j]),
+                "judge_kept": None if judged is None else bool(judged[j]),
+                **{k: (None if v is None else _f(v[j])) for k, v in blob.items()},
             }
+            if self.data.gt_lesion is not None:
+                les = self.data.gt_lesion[i:i + 1]
+                r["lesion_hit"] = _f(metrics.hit_rate(saliency[j:j + 1], les)[0])
+                r["lesion_iou"] = _f(metrics.iou(mask[j:j + 1], les)[0])
             if extra:
                 r.update({k: v[j] for k, v in extra.items()})
             out.append(r)
         return out
 
+    def _judge_kept(self, evidence, y):
+        if self.judge is None:
+            return None
+        return metrics.decision_kept(self.judge, evidence, y)
+
+    def _blob_control(self, idx, area) -> dict:
+        """The random-blob control at each image's own mask area: kept (blank), kept_robust and
+        judge_kept of one seeded blob mask per image (the same draw whatever the batching)."""
+        size = tuple(self.data.x.shape[-2:])
+        scores = torch.cat([blob_scores(1, size, torch.Generator().manual_seed(self.opt.seed * 100_003 + i))
+                            for i in idx])
+        masks = top_k_mask(scores, area.double())
+        x, y = self.data.x[idx], self.label[idx]
+        evidence = fill(x, masks, "baseline", self.opt.medcam.baseline)
+        judged = self._judge_kept(evidence, y)
+        return {"blob_kept": metrics.decision_kept(self.forward, evidence, y).float(),
+                "blob_kept_robust": kept_robust_of_masks(self.forward, x, y, masks, self.backgrounds[idx]),
+                "blob_judge_kept": None if judged is None else judged.float()}
+
     # ------------------------------------------------------------------ methods
+    def run_control(self, method: str) -> None:
+        """A control mask of CONTROL_METHODS scored like any method, its map the mask itself."""
+        if method not in CONTROL_METHODS:
+            raise ValueError(f"unknown control {method!r}; use one of {CONTROL_METHODS}")
+        todo = self._todo(method)
+        h, w = self.data.x.shape[-2:]
+        for s in range(0, len(todo), self.opt.batch):
+            idx = todo[s:s + self.opt.batch]
+            if method == "ground_truth":
+                mask = self.data.gt[idx].bool()
+            else:
+                mask = torch.full((len(idx), h, w), method == "all_one", dtype=torch.bool)
+            self._append(self._score(method, idx, mask.float(), mask, 0.0))
+            if self.progress:
+                self.progress(method, len(idx))
+
     def run_medcam(self, method: str = "medcam") -> None:
         """``medcam`` (fast defaults), ``medcam_plain`` (the straightforward "before" config) or
         ``medcam_reference`` (the paper's procedure, on the first ``reference_images`` images)."""
@@ -213,8 +270,6 @@ class Evaluation:
 
     def _cam_at_medcam_area(self, method, idx, maps, records) -> None:
         """kept_robust of the CAM's top-k pixels at Med-CAM's own area on the same image."""
-        from ..metrics.topk import top_k_mask
-
         areas = [self.done.get(("medcam", self.data.ids[i]), {}).get("area") for i in idx]
         if any(a is None for a in areas):
             return
@@ -233,6 +288,9 @@ class Evaluation:
             thresholds = self.thresholds(maps)
             for method in maps:
                 self.run_map(method, thresholds.get(method, 0.5))
+        for method in CONTROL_METHODS:
+            if method in methods:
+                self.run_control(method)
         return list(self.done.values())
 
     def options_dict(self) -> dict:

@@ -15,8 +15,21 @@ COLUMNS = [  # (key, header, format)
     ("iou", "IoU", "{:.3f}"), ("seconds", "s / image", "{:.2f}"),
     ("null_keeps_label", "blank keeps label", "{:.1%}"), ("kept_robust", "kept_robust", "{:.2f}"),
     ("degenerate", "degenerate", "{:.1%}"), ("kept_robust_at_medcam_area", "kept_robust @ Med-CAM area", "{:.2f}"),
-    ("area_to_sufficiency", "area to sufficiency", "{:.1%}"),
+    ("area_to_sufficiency", "area to sufficiency", "{:.1%}"), ("judge_kept", "judge kept", "{:.1%}"),
+    ("blob_kept", "random blob kept", "{:.1%}"), ("status_ok", "status ok", "{:.1%}"),
 ]
+# the known-evidence table: ground truth is the planted tag; the random blob control at each
+# method's own area beside every sufficiency column
+TAG_COLUMNS = [
+    ("n", "images", "{:d}"), ("hit", "hit (max on tag)", "{:.1%}"), ("precision", "mask precision", "{:.1%}"),
+    ("recall", "tag recall", "{:.1%}"), ("area", "area", "{:.1%}"), ("kept", "kept", "{:.1%}"),
+    ("kept_robust", "kept_robust", "{:.2f}"), ("judge_kept", "judge kept", "{:.1%}"),
+    ("status_ok", "status ok", "{:.1%}"), ("blob_kept", "blob @ area: kept", "{:.1%}"),
+    ("blob_kept_robust", "blob: kept_robust", "{:.2f}"), ("blob_judge_kept", "blob: judge kept", "{:.1%}"),
+    ("lesion_hit", "lesion hit", "{:.1%}"), ("seconds", "s / image", "{:.2f}"),
+]
+SUMMARY_KEYS = list(dict.fromkeys(k for k, _, _ in COLUMNS[1:] + TAG_COLUMNS[1:]
+                                  + [("recall", "", ""), ("lesion_iou", "", ""), ("blob_judge_kept", "", "")]))
 
 
 def _mean(values) -> float:
@@ -32,8 +45,9 @@ def summarise(records: list[dict]) -> dict[str, dict]:
     out = {}
     for method, rs in by.items():
         row = {"n": len(rs)}
-        for key, _, _ in COLUMNS[1:]:
+        for key in SUMMARY_KEYS:
             row[key] = _mean(r.get(key) for r in rs)
+        row["status_ok"] = _mean(r["status"] == "ok" for r in rs if "status" in r)
         row["curve"] = [_mean(r["sufficiency_curve"][i] for r in rs) for i in range(len(SWEEP))]
         statuses = [r["status"] for r in rs if "status" in r]
         if statuses:
@@ -45,14 +59,18 @@ def summarise(records: list[dict]) -> dict[str, dict]:
     return out
 
 
-def markdown_table(summary: dict[str, dict]) -> str:
-    order = ["medcam", "medcam_plain", "medcam_reference"] + sorted(m for m in summary if not m.startswith("medcam"))
-    lines = ["| method | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
-             "|---|" + "---:|" * len(COLUMNS)]
+def markdown_table(summary: dict[str, dict], columns=None) -> str:
+    """One row per method (Med-CAM first, the trivial controls last) over ``columns`` (default COLUMNS)."""
+    columns = columns or COLUMNS
+    controls = [m for m in ("ground_truth", "all_zero", "all_one") if m in summary]
+    order = (["medcam", "medcam_plain", "medcam_reference"]
+             + sorted(m for m in summary if not m.startswith("medcam") and m not in controls) + controls)
+    lines = ["| method | " + " | ".join(h for _, h, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
     for m in [m for m in order if m in summary]:
         row = summary[m]
         cells = []
-        for key, _, fmt in COLUMNS:
+        for key, _, fmt in columns:
             v = row.get(key)
             cells.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -102,13 +120,17 @@ def figures(records: list[dict], summary: dict[str, dict], out_dir: Path) -> lis
 
 
 def write_report(records: list[dict], out_dir, title: str, facts: list[str], extra_sections=(),
-                 extra_figures=()) -> dict:
+                 extra_figures=(), known_evidence: bool = False) -> dict:
     """Writes ``results.md``, ``results.json`` and the figures (plus ``extra_figures``, file names
-    already in ``out_dir``); returns the summary."""
+    already in ``out_dir``); returns the summary. ``known_evidence``: the ground truth is a planted
+    tag, and the TAG_COLUMNS table comes first."""
     out_dir = Path(out_dir)
     summary = summarise(records)
     figs = list(extra_figures) + figures(records, summary, out_dir)
-    md = [f"# {title}", "", *[f"- {f}" for f in facts], "", "## Per method", "", markdown_table(summary), "",
+    md = [f"# {title}", ""] + [f"- {f}" for f in facts] + [""]
+    if known_evidence:
+        md += ["## Known evidence: the planted tag", "", markdown_table(summary, TAG_COLUMNS), ""]
+    md += ["## Per method", "", markdown_table(summary), "",
           "## kept_robust of each map's top-k pixels", "", curve_table(summary), ""]
     if "medcam" in summary and "status" in summary["medcam"]:
         md += ["## Med-CAM status", "", ", ".join(f"{k}: {v}" for k, v in summary["medcam"]["status"].items()), ""]
