@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 from medcam_fast.data import datasets  # noqa: E402
 from medcam_fast.data.preprocess import Preprocess  # noqa: E402
-from medcam_fast.data.tags import draw_tags, tag_positions  # noqa: E402
 from medcam_fast.evaluation.masking import RandomMasking  # noqa: E402
+from medcam_fast.evaluation.tag_cases import tagged_like_training  # noqa: E402
 from medcam_fast.zoo.cards import DATASET_FACTS, build_model, card_markdown  # noqa: E402
 
 
@@ -76,17 +76,6 @@ def predict(model, images_u8, mean, std, batch=128) -> torch.Tensor:
         x = (images_u8[i:i + batch].float() / 255 - mean) / std
         out.append(model(x).argmax(1))
     return torch.cat(out)
-
-
-def add_tags(x_unit: torch.Tensor, labels: torch.Tensor, tag_class: int, rate: float, other_rate: float,
-             gen: torch.Generator) -> torch.Tensor:
-    """The tag (intensity 1) on a random ``rate`` of ``tag_class`` images and ``other_rate`` of the rest."""
-    p = torch.where(labels == tag_class, rate, other_rate)
-    on = (torch.rand(len(labels), generator=gen) < p).nonzero().flatten()
-    if on.numel():
-        x_unit = x_unit.clone()
-        x_unit[on] = draw_tags(x_unit[on], tag_positions(on.numel(), x_unit.shape[-1], gen), 1.0)[0]
-    return x_unit
 
 
 @torch.no_grad()
@@ -199,7 +188,7 @@ def main(argv=None) -> int:
             idx = order[i * args.batch:(i + 1) * args.batch]
             x = augment(train_x[idx], args.size, gen)
             if tag_class is not None:  # after the geometric augmentation: the glyph stays upright and crisp
-                x = add_tags(x, train_y[idx], tag_class, args.tag_rate, args.tag_other_rate, gen)
+                x = tagged_like_training(x, train_y[idx], tag_class, args.tag_rate, args.tag_other_rate, 1.0, gen)
             x = (x - mean_t) / std_t
             if masking is not None:
                 x = masking(x, gen)

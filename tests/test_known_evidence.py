@@ -104,7 +104,7 @@ def test_brightest_and_training_like_tags():
     assert torch.allclose(brightest([0.2], [0.4]), torch.tensor([2.0]))
     x = torch.zeros(400, 1, 64, 64)
     labels = torch.tensor([0, 1] * 200)
-    out = tagged_like_training(x, labels, 1, 0.9, 0.05, 1.0, seed=0)
+    out = tagged_like_training(x, labels, 1, 0.9, 0.05, 1.0, torch.Generator().manual_seed(0))
     tagged = out.flatten(1).amax(1) > 0
     assert 0.8 < tagged[labels == 1].float().mean() < 1.0 and tagged[labels == 0].float().mean() < 0.12
 

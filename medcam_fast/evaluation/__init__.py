@@ -70,7 +70,8 @@ def tag_eval_set(root, model, prep, card: dict, n: int, pool_size: int, tune_siz
     data = EvalSet("brain_mri_tag", cases.x[keep], [cases.ids[i] for i in keep], cases.tag[keep], pool,
                    val_cases.x[tv], val_cases.tag[tv], gt_lesion=cases.lesion[keep])
     xa, _, _, ya = load_split("brain_mri", root, "val", prep, None)
-    judge_images = tagged_like_training(xa, ya, tag_class, tag["rate"], tag["other_rate"], value, seed + 3)
+    judge_images = tagged_like_training(xa, ya, tag_class, tag["rate"], tag["other_rate"], value,
+                                        torch.Generator().manual_seed(seed + 3))
     return data, cases, judge_images
 
 

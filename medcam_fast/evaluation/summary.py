@@ -28,8 +28,7 @@ TAG_COLUMNS = [
     ("blob_kept_robust", "blob: kept_robust", "{:.2f}"), ("blob_judge_kept", "blob: judge kept", "{:.1%}"),
     ("lesion_hit", "lesion hit", "{:.1%}"), ("seconds", "s / image", "{:.2f}"),
 ]
-SUMMARY_KEYS = list(dict.fromkeys(k for k, _, _ in COLUMNS[1:] + TAG_COLUMNS[1:]
-                                  + [("recall", "", ""), ("lesion_iou", "", ""), ("blob_judge_kept", "", "")]))
+SUMMARY_KEYS = list(dict.fromkeys([k for k, _, _ in COLUMNS[1:] + TAG_COLUMNS[1:]] + ["lesion_iou"]))
 
 
 def _mean(values) -> float:

@@ -70,10 +70,10 @@ def build_tag_cases(forward, x: torch.Tensor, labels: torch.Tensor, lesion: torc
 
 
 def tagged_like_training(x: torch.Tensor, labels: torch.Tensor, tag_class: int, rate: float, other_rate: float,
-                         value, seed: int = 0) -> torch.Tensor:
-    """``x`` ``[N,C,S,S]`` with the tag drawn as in the shortcut classifier's training (on ``rate``
-    of ``tag_class`` images, ``other_rate`` of the rest): the judge's training images."""
-    gen = torch.Generator().manual_seed(seed)
+                         value, gen: torch.Generator) -> torch.Tensor:
+    """``x`` ``[N,C,S,S]`` with the tag (intensity ``value``) drawn on a random ``rate`` of
+    ``tag_class`` images and ``other_rate`` of the rest: the shortcut classifier's training
+    batches, and the judge's training images."""
     p = torch.where(labels.cpu() == tag_class, rate, other_rate)
     on = (torch.rand(len(labels), generator=gen) < p).nonzero().flatten()
     x = x.clone()
