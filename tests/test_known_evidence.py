@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from medcam_fast.data.tags import GT_DILATION, draw_tags, glyph, tag_mask, tag_positions
-from medcam_fast.evaluation import EvalOptions, EvalSet, Evaluation, fit_judge, JudgeRecipe, write_report
+from medcam_fast.evaluation import (EvalOptions, EvalSet, Evaluation, JudgeRecipe, example_maps, fit_judge,
+                                    write_report)
 from medcam_fast.evaluation.masking import RandomMasking, blob_scores, fill, random_masks
 from medcam_fast.evaluation.probe import exact_mask_kept, lesion_scores, probe, random_rankings, rates
 from medcam_fast.evaluation.tag_cases import brightest, build_tag_cases, tagged_like_training
@@ -134,6 +135,7 @@ def test_oracle_mask_is_the_evidence_in_the_harness(tag_model, tmp_path):
     assert all(r["judge_kept"] in (True, False) for r in gt) and "lesion_hit" in gt[0]
     assert not any(r["kept"] for r in by["all_zero"]) and all(r["kept"] for r in by["all_one"])
     assert all(r["recall"] == 0.0 and r["precision"] != r["precision"] for r in by["all_zero"])  # NaN precision
+    assert example_maps(ev, ("ground_truth", "all_zero"), n=2) == {}   # controls are no map for the grid
     summary = write_report(records, tmp_path, "tag", ["fact"], known_evidence=True)
     text = (tmp_path / "results.md").read_text()
     assert "## Known evidence: the planted tag" in text and "| ground_truth | 12 | 100.0% | 100.0% |" in text

@@ -1,7 +1,7 @@
 """The example grid of the evaluation report: the first few test images with every method's map.
 
 The maps are recomputed for the figure with the run's own settings (same configs, seeds and CAM
-thresholds); records are not kept per pixel. Reference mode is left out: it takes minutes per image.
+thresholds); records are not kept per pixel. Reference mode and the controls are left out.
 """
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ from ..report.panels import GT_COLOUR, MASK_COLOUR, _display, _outline
 
 def example_maps(ev, methods, n: int = 4) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{method: (saliency [n,H,W] float, mask [n,H,W] bool)}`` on the first ``n`` images of
-    ``ev.data`` (an :class:`~.runner.Evaluation`)."""
+    ``ev.data`` (an :class:`~.runner.Evaluation`). The control masks are left out: they are no map."""
+    from .runner import CONTROL_METHODS
+
+    methods = [m for m in methods if m not in CONTROL_METHODS]
     idx = list(range(min(n, len(ev.data.ids))))
     x, y = ev.data.x[idx], ev.label[idx]
     out = {}
