@@ -7,7 +7,8 @@ from torch import nn
 
 from medcam_fast import MedCAMConfig
 from medcam_fast.evaluation import (EvalOptions, EvalSet, Evaluation, area_to_sufficiency, example_grid, example_maps,
-                                    kept_robust_of_masks, pick_backgrounds, sufficiency_curve, write_report)
+                                    evidence_curve, kept_robust_of_masks, pick_backgrounds, write_report)
+from medcam_fast.medcam import sufficiency
 
 from planted import CornerClassifier, make_planted, train_tiny_cnn
 
@@ -36,12 +37,15 @@ def test_kept_robust_and_curve_known_answers():
     half = torch.zeros(1, 8, 8, dtype=torch.bool)
     half[0, :2, :4] = True                                  # half the corner: mean 0.5, not > 0.5
     assert kept_robust_of_masks(model, x, label, half, bgs).item() == 0.0
-    # a saliency ranking the corner first: 16 px = 25% of the image is needed
+    # a saliency ranking the corner first: 16 px = 25% of the image is needed under the blank
+    # fill; the mean fill (0.25) would let 6 corner pixels pass, but every counted fill must hold
     sal = corner.float() + 0.01 * torch.rand(1, 8, 8)
-    curve = sufficiency_curve(model, x, label, sal, bgs, areas=(0.1, 0.25, 0.5))
-    assert curve.tolist() == [[0.0, 1.0, 1.0]]
-    assert area_to_sufficiency(curve, areas=(0.1, 0.25, 0.5)).tolist() == [0.25]
-    assert area_to_sufficiency(torch.zeros(1, 3), areas=(0.1, 0.25, 0.5)).tolist() == [1.0]
+    fills = sufficiency.certify(model, x, label, ("baseline", "mean"), 0.0, 1.0)
+    assert fills.certified.tolist() == [[True, True]]
+    ok, prob = evidence_curve(model, x, label, sal, fills, 0.25, areas=(0.1, 0.25, 0.5))
+    assert ok.tolist() == [[False, True, True]]
+    assert area_to_sufficiency(ok, areas=(0.1, 0.25, 0.5)).tolist() == [0.25]
+    assert area_to_sufficiency(torch.zeros(1, 3, dtype=torch.bool), areas=(0.1, 0.25, 0.5)).tolist() == [1.0]
 
 
 def test_small_evaluation_run_resumes(tmp_path):
@@ -58,7 +62,8 @@ def test_small_evaluation_run_resumes(tmp_path):
     assert len(records) == 12 and calls == [("medcam", 3), ("medcam", 3), ("gradcam", 3), ("gradcam", 3)]
     r = next(r for r in records if r["method"] == "gradcam")
     for key in ("kept", "prob_change", "area", "deletion_auc", "insertion_auc", "road", "hit", "iou",
-                "seconds", "kept_robust", "area_to_sufficiency", "kept_robust_at_medcam_area"):
+                "seconds", "kept_robust", "area_to_sufficiency", "sufficient_at_medcam_area", "sufficient",
+                "flipped_when_removed", "random_pass", "precision_at_a_star", "evidence_curve"):
         assert key in r, key
     assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 12
     # a second run reads the finished records back and recomputes nothing
@@ -74,7 +79,7 @@ def test_small_evaluation_run_resumes(tmp_path):
     summary = write_report(again, tmp_path, "test", ["fact"], extra_figures=[grid])
     assert set(summary) == {"medcam", "gradcam"} and summary["medcam"]["n"] == 6
     text = (tmp_path / "results.md").read_text()
-    assert "| medcam |" in text and (tmp_path / "sufficiency_curve.png").stat().st_size > 0
+    assert "| medcam |" in text and (tmp_path / "evidence_curve.png").stat().st_size > 0
     assert "![examples.png](examples.png)" in text and (tmp_path / "examples.png").stat().st_size > 0
     assert json.loads((tmp_path / "results.json").read_text())["summary"]["gradcam"]["n"] == 6
 
@@ -171,7 +176,7 @@ def test_evaluate_command_end_to_end(tmp_path, capsys):
     report = (out / "results.md").read_text()
     assert "| medcam | 3 |" in report and "| gradcam | 3 |" in report and "resnet10t" in report
     assert json.loads((out / "results.json").read_text())
-    assert (out / "examples.png").is_file() and (out / "sufficiency_curve.png").is_file()
+    assert (out / "examples.png").is_file() and (out / "evidence_curve.png").is_file()
     assert "medcam" in capsys.readouterr().out                  # the summary table is printed
     assert cli.main(argv) == 0                                   # resumes: nothing is recomputed
     assert (out / "records.jsonl").read_text().count("\n") == len(records)

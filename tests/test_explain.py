@@ -290,30 +290,33 @@ def _corner_case(k=32):
 
 
 def test_sequential_kept_robust_decides_as_all_composites():
-    from medcam_fast.medcam.verify import allowed_failures, check_candidates, kept_robust_of_masks
+    from medcam_fast.medcam.verify import allowed_failures, kept_robust_of_masks, sequential_kept_robust
 
     assert allowed_failures(32, 0.9) == 3 and allowed_failures(8, 0.9) == 0 and allowed_failures(10, 0.9) == 1
     x, label, masks, bgs = _corner_case()
     model = CornerClassifier()
-    suff = check_candidates(model, x, label, masks, 0.0, bgs, 64, threshold=0.9)
     full = kept_robust_of_masks(model, x, label, masks, bgs)
-    assert suff.kept.tolist() == [[True, True, False]] * 2
-    torch.testing.assert_close(suff.kept_robust[:, :2], full[:, :2])    # run to the end: exact
-    assert torch.isnan(suff.kept_robust[:, 2]).all()                    # not kept: never needed
+    every = torch.ones(2, 3, dtype=torch.bool)
+    rob = sequential_kept_robust(model, x, label, masks, bgs, every, 0.9, 64)
+    torch.testing.assert_close(rob[:, :2], full[:, :2])                # run to the end: exact
     # a candidate that loses more than 3 of 32 stops early, below the threshold
     model.calls = 0
     needed = torch.tensor([[False, False, True]] * 2)
-    from medcam_fast.medcam.verify import sequential_kept_robust
     rob = sequential_kept_robust(model, x, label, masks, bgs, needed, 0.9, 64)
     assert model.calls == 2 * 8 and (rob[:, 2] < 0.9).all()           # one chunk of 8, then stopped
-    suff = check_candidates(model, x, label, masks, 0.0, bgs, 64, untestable=torch.tensor([True, False]))
-    assert torch.isnan(suff.kept_robust[0]).all() and not torch.isnan(suff.kept_robust[1, 0])
+    assert torch.isnan(rob[:, :2]).all()                                # not needed: never run
 
 
-def test_image_without_counterfactual_is_untestable(planted_model, monkeypatch):
-    # an image with no background of another label must not be verified on a placeholder
+def test_counterfactual_audit_is_off_the_path_to_ok(planted_model, monkeypatch):
+    # kept_robust is an audit: off by default (NaN, no pool built); when asked for, an image with
+    # no background of another label gets NaN rather than a placeholder's verdict, and the
+    # status is the sufficiency test's alone
     from medcam_fast.medcam import explainer as explainer_mod
 
+    x, _, _ = make_planted(2, seed=2, positive_only=True)
+    xr, yr, _ = make_planted(64, seed=9)
+    plain = explain(planted_model, x, config=QUICK)
+    assert torch.isnan(plain.kept_robust).all() and plain.backgrounds == ""
     real = explainer_mod.build_pool
 
     def one_missing(*args, **kwargs):
@@ -322,11 +325,9 @@ def test_image_without_counterfactual_is_untestable(planted_model, monkeypatch):
         return pool
 
     monkeypatch.setattr(explainer_mod, "build_pool", one_missing)
-    x, _, _ = make_planted(2, seed=2, positive_only=True)
-    xr, yr, _ = make_planted(64, seed=9)
-    res = explain(planted_model, x, config=QUICK, reference=xr[yr == 0][:16])
-    assert math.isnan(res.kept_robust[0]) and not math.isnan(res.kept_robust[1])
-    assert res.status[0] in ("not_kept", "null_keeps_label") and "counterfactual" in res.reason[0] + res.selection[0]
+    audited = explain(planted_model, x, config=QUICK.replace(audit_counterfactual=True), reference=xr[yr == 0][:16])
+    assert math.isnan(audited.kept_robust[0]) and not math.isnan(audited.kept_robust[1])
+    assert audited.status == plain.status and torch.equal(audited.mask, plain.mask)
 
 
 @pytest.mark.parametrize("n_ref, k", [(40, 8), (12, 8), (3, 32), (1, 4)])

@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from .examples import example_grid, example_maps
 from .judge import JudgeRecipe, fit_judge
 from .runner import CAM_METHODS, CONTROL_METHODS, PATCHNET_METHODS, EvalOptions, EvalSet, Evaluation, run_sanity
-from .sufficiency import SWEEP, area_to_sufficiency, kept_robust_of_masks, pick_backgrounds, sufficiency_curve
+from .sufficiency import SWEEP, area_to_sufficiency, evidence_curve, kept_robust_of_masks, pick_backgrounds
 from .summary import summarise, write_report
 
 DATASETS = ("brain_mri", "brain_mri_tag", "isic2018")
 
 __all__ = ["CAM_METHODS", "CONTROL_METHODS", "DATASETS", "JudgeRecipe", "PATCHNET_METHODS", "fit_judge", "tag_eval_set", "EvalOptions", "EvalSet", "Evaluation", "SWEEP", "area_to_sufficiency",
            "evaluate_dataset", "example_grid", "example_maps", "kept_robust_of_masks", "load_split", "pick_backgrounds", "run_sanity",
-           "sufficiency_curve", "summarise", "write_report"]
+           "evidence_curve", "summarise", "write_report"]
 
 
 def load_split(dataset: str, root, split: str, preprocess, n: int | None, seed: int = 0, skip=()):

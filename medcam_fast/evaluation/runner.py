@@ -1,8 +1,10 @@
 """The evaluation harness: every method on the same images, scored the same way, resumable.
 
 For each image and method it records decision metrics (kept, confidence change, area), curve
-metrics (deletion, insertion, ROAD), localisation (hit, IoU, Dice, pointing game) and the
-counterfactual sufficiency measures (kept_robust, area-to-sufficiency and its curve). Records
+metrics (deletion, insertion, ROAD), localisation (hit, IoU, Dice, pointing game), the
+sufficiency test of :mod:`medcam_fast.medcam.sufficiency` (sufficient, flipped when removed,
+random_pass of blobs at the mask's area, a* and the evidence curve), and kept_robust as an audit
+(pasted onto images of other labels; not part of any verdict). Records
 are appended to ``records.jsonl`` as they finish, so an interrupted run loses nothing.
 """
 from __future__ import annotations
@@ -16,10 +18,10 @@ from pathlib import Path
 import torch
 
 from .. import metrics
-from ..medcam import Explainer, MedCAMConfig, plain_config, reference_config
+from ..medcam import Explainer, MedCAMConfig, plain_config, reference_config, sufficiency
 from ..metrics.topk import top_k_mask
 from .masking import blob_scores, fill
-from .sufficiency import SWEEP, area_to_sufficiency, kept_robust_of_masks, pick_backgrounds, sufficiency_curve
+from .sufficiency import SWEEP, area_to_sufficiency, evidence_curve, kept_robust_of_masks, pick_backgrounds
 
 ROAD_PERCENTILES = (10, 30, 50, 70, 90)
 PATCHNET_METHODS = ("patchnet_raw", "patchnet_scaled", "patchnet_smooth")
@@ -93,6 +95,11 @@ class Evaluation:
         with torch.no_grad():
             blank = self.model(torch.full_like(data.x[:1], self.opt.medcam.baseline))
         self.null_label = int(blank.argmax(1))
+        cfg = self.opt.medcam   # the one test, with Med-CAM's settings, for every method
+        self.fills = sufficiency.certify(self.forward, data.x, self.label, cfg.fills, cfg.baseline,
+                                         cfg.certify_margin, 64, cfg.mask_fills)
+        self.need = sufficiency.required_margin(sufficiency.margins(self.logits, self.label), cfg.keep_margin,
+                                                cfg.keep_share)
 
     def forward(self, x):
         with torch.no_grad():
@@ -122,17 +129,27 @@ class Evaluation:
         rd = metrics.road(self.forward, x, saliency, y, percentiles=ROAD_PERCENTILES, tol=1e-4,
                           generator=torch.Generator().manual_seed(self.opt.seed))
         bg = self.backgrounds[idx]
-        own_robust = kept_robust_of_masks(self.forward, x, y, mask, bg)
-        curve = sufficiency_curve(self.forward, x, y, saliency, bg)
-        to_suff = area_to_sufficiency(curve)
+        own_robust = kept_robust_of_masks(self.forward, x, y, mask, bg)       # audit only
+        cfg, fills, need = self.opt.medcam, self.fills.select(idx), self.need[idx]
+        use = sufficiency.counted(fills)
+        own = sufficiency.run_side(self.forward, x, y, mask[:, None], fills, "preservation")
+        sufficient = sufficiency.preserved(own, use, need)[0][:, 0]
+        removed = sufficiency.run_side(self.forward, x, y, mask[:, None], fills, "deletion")
+        flipped = sufficiency.flipped(removed, use)[0][:, 0]
+        ctl = sufficiency.controls(self.forward, x, y, mask, fills, need, cfg.n_random, self.opt.seed, 64, use)
+        grid_ok, curve = evidence_curve(self.forward, x, y, saliency, fills, need)
+        to_suff = area_to_sufficiency(grid_ok)
         area = metrics.mask_area(mask)
+        if own_mask_counts:
+            # Med-CAM's evidence is its own binary mask: where that is sufficient, its area counts
+            to_suff = torch.where(sufficient, torch.minimum(area, to_suff), to_suff)
         overlap = (mask & gt).flatten(1).sum(1).float()
         precision = overlap / mask.flatten(1).sum(1).float()          # NaN for an empty mask
         recall = overlap / gt.flatten(1).sum(1).float().clamp(min=1)
+        # the ranking cut to its own smallest sufficient area (1.0 where none is)
+        at_star = top_k_mask(saliency, to_suff.double())
+        precision_star = (at_star & gt).flatten(1).sum(1).float() / at_star.flatten(1).sum(1).float()
         blob = self._blob_control(idx, area)
-        if own_mask_counts:
-            # Med-CAM's evidence is its own binary mask: where that is sufficient, its area counts
-            to_suff = torch.where(own_robust >= 0.9, torch.minimum(area, to_suff), to_suff)
         out = []
         for j, i in enumerate(idx):
             r = {
@@ -145,7 +162,10 @@ class Evaluation:
                 "pointing": _f(metrics.pointing_game(saliency[j:j + 1], gt[j:j + 1])[0]),
                 "components": int(metrics.connected_components(mask[j:j + 1])[0]),
                 "kept_robust": _f(own_robust[j]), "area_to_sufficiency": _f(to_suff[j]),
-                "sufficiency_curve": [_f(v) for v in curve[j]], "seconds": seconds / len(idx),
+                "evidence_curve": [_f(v) for v in curve[j]], "seconds": seconds / len(idx),
+                "sufficient": bool(sufficient[j]), "flipped_when_removed": bool(flipped[j]),
+                "random_pass": _f(ctl.random_pass[j]), "shape_keeps_label": bool(ctl.shape_keeps[j]),
+                "testable": bool(use[j].any()), "precision_at_a_star": _f(precision_star[j]),
                 "null_keeps_label": self.null_label == int(y[j]),
                 "degenerate": bool(area[j] < 0.005 or area[j] > 0.9),
                 "precision": _f(precision[j]), "recall": _f(recall[j]),
@@ -167,8 +187,8 @@ class Evaluation:
         return metrics.decision_kept(self.judge, evidence, y)
 
     def _blob_control(self, idx, area) -> dict:
-        """The random-blob control at each image's own mask area: kept (blank), kept_robust and
-        judge_kept of one seeded blob mask per image (the same draw whatever the batching)."""
+        """One seeded random blob per image at its own mask area, on the blank baseline: kept and
+        judge_kept (the same draw whatever the batching; random_pass is the test's own control)."""
         size = tuple(self.data.x.shape[-2:])
         scores = torch.cat([blob_scores(1, size, torch.Generator().manual_seed(self.opt.seed * 100_003 + i))
                             for i in idx])
@@ -177,7 +197,6 @@ class Evaluation:
         evidence = fill(x, masks, "baseline", self.opt.medcam.baseline)
         judged = self._judge_kept(evidence, y)
         return {"blob_kept": metrics.decision_kept(self.forward, evidence, y).float(),
-                "blob_kept_robust": kept_robust_of_masks(self.forward, x, y, masks, self.backgrounds[idx]),
                 "blob_judge_kept": None if judged is None else judged.float()}
 
     # ------------------------------------------------------------------ methods
@@ -209,7 +228,7 @@ class Evaluation:
             t0 = time.perf_counter()
             res = explainer(self.data.x[idx], target=self.label[idx], seed=self.opt.seed)
             seconds = time.perf_counter() - t0
-            extra = {"status": res.status, "mc_kept_robust": [float(v) for v in res.kept_robust],
+            extra = {"status": res.status, "mc_random_pass": [float(v) for v in res.random_pass],
                      "prob_null": [float(v) for v in res.prob_null], "steps": [int(v) for v in res.steps],
                      "mc_null_keeps_label": [bool(v) for v in res.null_keeps_label]}
             self._append(self._score(method, idx, res.soft_mask, res.mask, seconds, extra, own_mask_counts=True))
@@ -269,14 +288,16 @@ class Evaluation:
                 self.progress(method, len(idx))
 
     def _cam_at_medcam_area(self, method, idx, maps, records) -> None:
-        """kept_robust of the CAM's top-k pixels at Med-CAM's own area on the same image."""
+        """Whether the CAM's top-k pixels at Med-CAM's own area on the same image are sufficient."""
         areas = [self.done.get(("medcam", self.data.ids[i]), {}).get("area") for i in idx]
         if any(a is None for a in areas):
             return
         masks = top_k_mask(maps, torch.tensor(areas))
-        kr = kept_robust_of_masks(self.forward, self.data.x[idx], self.label[idx], masks, self.backgrounds[idx])
-        for r, v in zip(records, kr):
-            r["kept_robust_at_medcam_area"] = _f(v)
+        fills = self.fills.select(idx)
+        res = sufficiency.run_side(self.forward, self.data.x[idx], self.label[idx], masks[:, None], fills)
+        ok = sufficiency.preserved(res, sufficiency.counted(fills), self.need[idx])[0][:, 0]
+        for r, v in zip(records, ok):
+            r["sufficient_at_medcam_area"] = bool(v)
 
     def run(self, methods=None) -> list[dict]:
         methods = methods or self.opt.methods

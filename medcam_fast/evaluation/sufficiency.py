@@ -1,13 +1,17 @@
-"""Counterfactual sufficiency of any saliency map: paste its top-k pixels onto images of other
-labels and count how often the label survives (Med-CAM's own measure, ``kept_robust_of_masks``)."""
+"""The harness's side of sufficiency: the test itself is :mod:`medcam_fast.medcam.sufficiency`
+(certified fills, preservation and deletion, random blobs); here, any saliency map is cut to the
+areas of ``SWEEP`` and scored by it (evidence curve, a*), and the counterfactual audit's
+backgrounds are drawn (``kept_robust``: pasted onto images of other labels, audit only)."""
 from __future__ import annotations
 
 import torch
 
+from ..medcam import sufficiency
+from ..medcam.config import MedCAMConfig
 from ..medcam.verify import kept_robust_of_masks
 from ..metrics.topk import top_k_mask
 
-SWEEP = (0.05, 0.10, 0.20, 0.30, 0.50, 0.70, 0.90)
+SWEEP = MedCAMConfig.area_grid   # one grid: Med-CAM's candidates, a* and the curves
 
 
 def pick_backgrounds(pool: torch.Tensor, pool_labels: torch.Tensor, label: torch.Tensor, k: int,
@@ -25,16 +29,19 @@ def pick_backgrounds(pool: torch.Tensor, pool_labels: torch.Tensor, label: torch
     return torch.stack(out)
 
 
-def sufficiency_curve(forward, x, label, saliency, backgrounds, areas=SWEEP, batch_size: int = 64) -> torch.Tensor:
-    """``[N, len(areas)]`` kept_robust of each map's top-a pixels for every area a."""
+def evidence_curve(forward, x, label, saliency, fills: sufficiency.FillSet, need, areas=SWEEP,
+                   batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sufficient ``[N,A]``, worst-case p(label) ``[N,A]``) of each map's top-a pixels for every
+    area a of ``areas``, under the images' counted fills (``need``: the required margin ``[N]``)."""
     masks = torch.stack([top_k_mask(saliency, a) for a in areas], dim=1)
-    return kept_robust_of_masks(forward, x, label, masks, backgrounds, batch_size)
+    res = sufficiency.run_side(forward, x, label, masks, fills, "preservation", batch_size)
+    return sufficiency.preserved(res, sufficiency.counted(fills), need)
 
 
-def area_to_sufficiency(curve: torch.Tensor, areas=SWEEP, threshold: float = 0.9) -> torch.Tensor:
-    """``[N]``: the first area whose kept_robust reaches ``threshold``; 1.0 where none does
-    (the whole image is counted as needed)."""
-    a = torch.tensor(areas, dtype=torch.float32, device=curve.device)
-    ok = curve >= threshold
-    first = torch.where(ok, a, torch.full_like(a, 2.0)).amin(1)
-    return torch.where(first > 1.0, torch.ones_like(first), first)
+def area_to_sufficiency(sufficient: torch.Tensor, areas=SWEEP) -> torch.Tensor:
+    """``[N]``: a*, the first area whose top pixels are sufficient; 1.0 where none is (the whole
+    image is counted as needed)."""
+    return torch.nan_to_num(sufficiency.extremal_area(areas, sufficient), nan=1.0)
+
+
+__all__ = ["SWEEP", "area_to_sufficiency", "evidence_curve", "kept_robust_of_masks", "pick_backgrounds"]

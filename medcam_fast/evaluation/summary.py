@@ -13,19 +13,22 @@ COLUMNS = [  # (key, header, format)
     ("area", "area", "{:.1%}"), ("deletion_auc", "deletion AUC ↓", "{:.3f}"),
     ("insertion_auc", "insertion AUC ↑", "{:.3f}"), ("road", "ROAD ↑", "{:.3f}"), ("hit", "hit rate", "{:.1%}"),
     ("iou", "IoU", "{:.3f}"), ("seconds", "s / image", "{:.2f}"),
-    ("null_keeps_label", "blank keeps label", "{:.1%}"), ("kept_robust", "kept_robust", "{:.2f}"),
-    ("degenerate", "degenerate", "{:.1%}"), ("kept_robust_at_medcam_area", "kept_robust @ Med-CAM area", "{:.2f}"),
-    ("area_to_sufficiency", "area to sufficiency", "{:.1%}"), ("judge_kept", "judge kept", "{:.1%}"),
-    ("blob_kept", "random blob kept", "{:.1%}"), ("status_ok", "status ok", "{:.1%}"),
+    ("null_keeps_label", "blank keeps label", "{:.1%}"), ("sufficient", "sufficient", "{:.1%}"),
+    ("flipped_when_removed", "flipped when removed", "{:.1%}"), ("random_pass", "random_pass", "{:.2f}"),
+    ("degenerate", "degenerate", "{:.1%}"), ("sufficient_at_medcam_area", "sufficient @ Med-CAM area", "{:.1%}"),
+    ("area_to_sufficiency", "a* (area to sufficiency)", "{:.1%}"), ("judge_kept", "judge kept", "{:.1%}"),
+    ("status_ok", "status ok", "{:.1%}"), ("kept_robust", "kept_robust (audit)", "{:.2f}"),
 ]
 # the known-evidence table: ground truth is the planted tag; the random blob control at each
 # method's own area beside every sufficiency column
 TAG_COLUMNS = [
     ("n", "images", "{:d}"), ("hit", "hit (max on tag)", "{:.1%}"), ("precision", "mask precision", "{:.1%}"),
     ("recall", "tag recall", "{:.1%}"), ("area", "area", "{:.1%}"), ("kept", "kept", "{:.1%}"),
-    ("kept_robust", "kept_robust", "{:.2f}"), ("judge_kept", "judge kept", "{:.1%}"),
-    ("status_ok", "status ok", "{:.1%}"), ("blob_kept", "blob @ area: kept", "{:.1%}"),
-    ("blob_kept_robust", "blob: kept_robust", "{:.2f}"), ("blob_judge_kept", "blob: judge kept", "{:.1%}"),
+    ("sufficient", "sufficient", "{:.1%}"), ("random_pass", "random_pass", "{:.2f}"),
+    ("flipped_when_removed", "flipped when removed", "{:.1%}"), ("area_to_sufficiency", "a*", "{:.1%}"),
+    ("precision_at_a_star", "precision @ a*", "{:.1%}"), ("status_ok", "status ok", "{:.1%}"),
+    ("judge_kept", "judge kept", "{:.1%}"), ("blob_kept", "blob @ area: kept (blank)", "{:.1%}"),
+    ("blob_judge_kept", "blob: judge kept", "{:.1%}"), ("kept_robust", "kept_robust (audit)", "{:.2f}"),
     ("lesion_hit", "lesion hit", "{:.1%}"), ("seconds", "s / image", "{:.2f}"),
 ]
 SUMMARY_KEYS = list(dict.fromkeys([k for k, _, _ in COLUMNS[1:] + TAG_COLUMNS[1:]] + ["lesion_iou"]))
@@ -47,12 +50,12 @@ def summarise(records: list[dict]) -> dict[str, dict]:
         for key in SUMMARY_KEYS:
             row[key] = _mean(r.get(key) for r in rs)
         row["status_ok"] = _mean(r["status"] == "ok" for r in rs if "status" in r)
-        row["curve"] = [_mean(r["sufficiency_curve"][i] for r in rs) for i in range(len(SWEEP))]
+        row["curve"] = [_mean(r["evidence_curve"][i] for r in rs) for i in range(len(SWEEP))]
         statuses = [r["status"] for r in rs if "status" in r]
         if statuses:
             row["status"] = {s: statuses.count(s) for s in sorted(set(statuses))}
             ok = [r for r in rs if r.get("status") == "ok"]
-            row["ok_min_kept_robust"] = min((r["mc_kept_robust"] for r in ok), default=float("nan"))
+            row["ok_max_random_pass"] = max((r["mc_random_pass"] for r in ok), default=float("nan"))
             row["ok_mean_area"] = _mean(r["area"] for r in ok)
         out[method] = row
     return out
@@ -77,14 +80,15 @@ def markdown_table(summary: dict[str, dict], columns=None) -> str:
 
 
 def curve_table(summary: dict[str, dict]) -> str:
-    lines = ["| method | " + " | ".join(f"{a:.0%}" for a in SWEEP) + " |", "|---|" + "---:|" * len(SWEEP)]
+    lines = ["| method | " + " | ".join(f"{a:.1%}" for a in SWEEP) + " |", "|---|" + "---:|" * len(SWEEP)]
     for m, row in sorted(summary.items()):
         lines.append(f"| {m} | " + " | ".join(f"{v:.2f}" for v in row["curve"]) + " |")
     return "\n".join(lines)
 
 
 def figures(records: list[dict], summary: dict[str, dict], out_dir: Path) -> list[str]:
-    """Box plots of area and IoU per method, and kept_robust against area. Returns file names."""
+    """Box plots of area and IoU per method, and the evidence curve (worst-case p(label) under the
+    certified fills against area). Returns file names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,15 +110,15 @@ def figures(records: list[dict], summary: dict[str, dict], out_dir: Path) -> lis
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in methods:
         ax.plot([a * 100 for a in SWEEP], summary[m]["curve"], marker="o", label=m)
-    ax.axhline(0.9, color="grey", ls="--", lw=0.8)
+    ax.set_xscale("log")
     ax.set_xlabel("area of the top-k pixels (%)")
-    ax.set_ylabel("kept_robust")
-    ax.set_title("counterfactual sufficiency against area")
+    ax.set_ylabel("p(label), worst certified fill")
+    ax.set_title("evidence curve")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "sufficiency_curve.png", dpi=110)
+    fig.savefig(out_dir / "evidence_curve.png", dpi=110)
     plt.close(fig)
-    names.append("sufficiency_curve.png")
+    names.append("evidence_curve.png")
     return names
 
 
@@ -130,7 +134,8 @@ def write_report(records: list[dict], out_dir, title: str, facts: list[str], ext
     if known_evidence:
         md += ["## Known evidence: the planted tag", "", markdown_table(summary, TAG_COLUMNS), ""]
     md += ["## Per method", "", markdown_table(summary), "",
-          "## kept_robust of each map's top-k pixels", "", curve_table(summary), ""]
+          "## Evidence curve: p(label) of each map's top-k pixels, worst certified fill", "",
+          curve_table(summary), ""]
     if "medcam" in summary and "status" in summary["medcam"]:
         md += ["## Med-CAM status", "", ", ".join(f"{k}: {v}" for k, v in summary["medcam"]["status"].items()), ""]
     for heading, body in extra_sections:

@@ -1,6 +1,8 @@
-"""Med-CAM: the config, the U-Net, the losses, the fit loops, verification and the Explainer."""
+"""Med-CAM: the config, the U-Net, the losses, the fit loops, the sufficiency test, verification and
+the Explainer."""
+from . import sufficiency
 from .config import MedCAMConfig, plain_config, reference_config
 from .explainer import Explainer, explain
 from .result import Explanation
 
-__all__ = ["Explainer", "Explanation", "MedCAMConfig", "explain", "plain_config", "reference_config"]
+__all__ = ["sufficiency", "Explainer", "Explanation", "MedCAMConfig", "explain", "plain_config", "reference_config"]

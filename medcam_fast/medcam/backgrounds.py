@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 _KINDS: dict[str, Callable] = {}
+_POOLED = ("counterfactual", "fills")   # drawn from a pool of prepared images, per image
 
 
 def register_background(name: str):
@@ -71,7 +72,8 @@ class BackgroundSampler:
 
     Args:
         kind: a registered kind ("gaussian", "uniform", "blur", "shuffle"), "constant", or
-            "counterfactual" (images from ``pool``, each image drawing only from ``eligible[i]``).
+            "counterfactual" / "fills" (images from ``pool``, each image drawing only from
+            ``eligible[i]``: other images of another label, or the image's own certified fills).
         x: ``[N,C,H,W]`` the images being explained.
         seed: the seed of every image's stream.
         pool: ``[P,C,H,W]`` counterfactual images, and ``eligible``: per image, a LongTensor of pool
@@ -80,16 +82,16 @@ class BackgroundSampler:
     """
 
     def __init__(self, kind, x, seed=0, pool=None, eligible=None, constant=0.0):
-        if kind != "counterfactual" and kind != "constant" and kind not in _KINDS:
-            raise ValueError(f"unknown background {kind!r}; choose from {available() + ['constant', 'counterfactual']}")
+        if kind not in _POOLED and kind != "constant" and kind not in _KINDS:
+            raise ValueError(f"unknown background {kind!r}; choose from {available() + ['constant', *_POOLED]}")
         self.kind, self.x, self.pool, self.eligible, self.constant = kind, x, pool, eligible, constant
         dev = x.device
         self.gens = [torch.Generator(device=dev).manual_seed(int(seed)) for _ in range(x.shape[0])]
         # pool indices come from CPU streams: no device sync per draw
         self.index_gens = [torch.Generator().manual_seed(int(seed) + 1) for _ in range(x.shape[0])]
-        if kind == "counterfactual":
+        if kind in _POOLED:
             if pool is None or eligible is None or any(e.numel() == 0 for e in eligible):
-                raise ValueError("counterfactual backgrounds need a pool with another label for every image")
+                raise ValueError(f"{kind} backgrounds need a pool with an eligible image for every image")
 
     def select(self, keep: torch.Tensor) -> "BackgroundSampler":
         """The sampler of the images in ``keep`` (their streams continue where they were)."""
@@ -112,7 +114,7 @@ class BackgroundSampler:
         """``[N,C,H,W]``: a fresh background for every image."""
         if self.kind == "constant":
             return constant_like(self.x, self.constant)
-        if self.kind == "counterfactual":
+        if self.kind in _POOLED:
             picks = [int(e[torch.randint(e.numel(), (1,), generator=g)])
                      for e, g in zip(self.eligible, self.index_gens)]
             return self.pool[picks]

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 MODES = ("fast", "reference")
-BACKGROUNDS = ("counterfactual", "gaussian", "uniform", "blur", "shuffle", "constant")
+OBJECTIVES = ("preservation", "deletion", "dual")
+BACKGROUNDS = ("fills", "counterfactual", "gaussian", "uniform", "blur", "shuffle", "constant")
 
 
 @dataclass
@@ -39,9 +40,22 @@ class MedCAMConfig:
     tv_diagonal: bool = True
     rob: float = 2.0
     rob_draws: int = 1               # backgrounds per image per step in the robustness term
+    objective: str = "preservation"  # TorchRay's modes: keep the mask ("preservation"), lose the label
+                                     # without it ("deletion"), or both ("dual")
+    dele: float = 1.0                # deletion term: relu(log p(label | (1-m)*x + m*r) - log del_prob)
+    del_prob: float = 0.3
     # --- backgrounds r of the robustness term (a new draw each step) and the evidence baseline
-    background: str = "counterfactual"
+    background: str = "fills"        # "fills": one of the image's certified fills per step (no other images)
     baseline: float = 0.0            # value of "removed" pixels, in the model's input space
+    # --- the sufficiency test (medcam_fast.medcam.sufficiency)
+    fills: tuple[str, ...] = ("baseline", "blur_fine", "blur_coarse", "mean")
+    mask_fills: tuple[str, ...] = ()  # mask-dependent fills ("impute"): count where random blobs fail under them
+    certify_margin: float = 1.0      # a fill counts when another class beats the label on it alone by this
+    keep_margin: float = 0.25        # sufficient: the label leads by min(keep_margin, keep_share * its
+    keep_share: float = 0.5          # lead on x) under every counted fill
+    n_random: int = 16               # random blobs at the mask's own area, the leakage control
+    random_bound: float = 0.2        # ok only when at most this share of them passes too
+    audit_counterfactual: bool = False  # also compute kept_robust on other images' context (audit only)
     # --- U-Net explainer
     unet_widths: tuple[int, ...] = (16, 32, 64)
     unet_scale: int = 2              # predict at 1/scale resolution, upsample the logits
@@ -67,8 +81,9 @@ class MedCAMConfig:
     # --- verification, sufficiency and minimality
     repair: bool = True              # search larger masks (lower thresholds) when 0.5 does not keep
     minimal_search: bool = True      # the smallest level set of the soft mask that is sufficient
-    area_grid: tuple[float, ...] = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
-                                    0.7, 0.9)
+    # finer below 5%: a* and the mask of a 1% lesion are read off this grid
+    area_grid: tuple[float, ...] = (0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+                                    0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9)
     n_robust: int = 32               # counterfactual composites per image for kept_robust (8 gave a pick that
                                      # changed with the draw for 26% of val images, 32: 8%; sufficiency_rule_val.md)
     batch_as_reference: bool = True  # the other images of a call serve as counterfactual backgrounds
@@ -83,6 +98,19 @@ class MedCAMConfig:
         """Raises ValueError on an inconsistent setting; returns self."""
         if self.background not in BACKGROUNDS:
             raise ValueError(f"background must be one of {BACKGROUNDS}, got {self.background!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        from .sufficiency import available_fills
+
+        plain_fills, mask_fills = available_fills()
+        bad = [f for f in self.fills if f not in plain_fills] + [f for f in self.mask_fills if f not in mask_fills]
+        if bad or not self.fills:
+            raise ValueError(f"unknown or no fills {bad or list(self.fills)}: fills from {plain_fills}, "
+                             f"mask_fills from {mask_fills}")
+        if self.n_random < 1 or not 0 <= self.random_bound <= 1:
+            raise ValueError("n_random must be >= 1 and random_bound in [0, 1]")
+        if not 0 < self.del_prob < 1:
+            raise ValueError(f"del_prob must be in (0, 1), got {self.del_prob}")
         if self.am_metric not in ("mse", "cosine", "paper"):
             raise ValueError(f"am_metric must be 'mse', 'cosine' or 'paper', got {self.am_metric!r}")
         if self.ce_mode not in ("hinge", "plain"):
@@ -105,7 +133,8 @@ class MedCAMConfig:
             raise ValueError(f"rob_draws must be >= 1, got {self.rob_draws}")
         if self.n_robust < 1:
             raise ValueError("n_robust must be >= 1")
-        for name in ("lambda_am", "lambda_min", "lambda_rob", "act", "kl", "ce", "area", "bin", "tv", "rob"):
+        for name in ("lambda_am", "lambda_min", "lambda_rob", "act", "kl", "ce", "area", "bin", "tv", "rob", "dele",
+                     "certify_margin", "keep_margin", "keep_share"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         return self

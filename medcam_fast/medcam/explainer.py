@@ -16,7 +16,8 @@ from .config import MODES, MedCAMConfig, reference_config
 from .counterfactual import build_pool
 from .fit import fit_fast, fit_reference
 from .result import Explanation
-from .verify import candidate_masks, check_candidates, choose, status_of
+from . import sufficiency
+from .verify import batched_logits, candidate_masks, choose, kept_robust_of_masks, status_of
 
 MIN_SIDE = 8
 
@@ -136,41 +137,85 @@ class Explainer:
             prob_null = null_logits.softmax(1)[0, label]
             null_keeps = null_logits.argmax(1)[0] == label
 
-            pool = build_pool(self._frozen_forward, x, label, reference, cfg.n_robust, seed, cfg.max_batch,
-                              cfg.batch_as_reference)
-            logits, steps = self._fit(x, label, logits_x, feats_x, pool, seed)
+            fills = sufficiency.certify(self._frozen_forward, x, label, cfg.fills, cfg.baseline, cfg.certify_margin,
+                                        cfg.max_batch, cfg.mask_fills)
+            pool = None
+            if cfg.background == "counterfactual" or cfg.audit_counterfactual:
+                pool = build_pool(self._frozen_forward, x, label, reference, cfg.n_robust, seed, cfg.max_batch,
+                                  cfg.batch_as_reference)
+            logits, steps = self._fit(x, label, logits_x, feats_x, pool, fills, seed)
             soft = torch.sigmoid(logits / cfg.mask_temperature)
-
-            thr_logit = cfg.mask_temperature * math.log(cfg.threshold / (1 - cfg.threshold))
-            areas = cfg.area_grid if (cfg.minimal_search or cfg.repair) else ()
-            masks, names = candidate_masks(logits.detach(), thr_logit, areas)
-            suff = check_candidates(self._frozen_forward, x, label, masks, cfg.baseline, pool.verify_backgrounds(),
-                                    cfg.max_batch, cfg.robust_threshold, pool.missing)
-            idx, notes = choose(masks, names, suff, cfg)
-        rows = torch.arange(n, device=x.device)
-        mask = masks[rows, idx]
-        kept = suff.kept[rows, idx]
-        kept_robust = suff.kept_robust[rows, idx]
-        area = mask.flatten(1).float().mean(1)
-        mf = mask[:, None].to(x.dtype)
-        evidence = mf * x + (1 - mf) * cfg.baseline
+            need = sufficiency.required_margin(sufficiency.margins(logits_x.detach(), label), cfg.keep_margin,
+                                               cfg.keep_share)
+            verdict = self._verify(x, label, logits.detach(), fills, pool, need, seed)
         statuses, reasons = [], []
         for i in range(n):
-            s, r = status_of(bool(kept[i]), float(kept_robust[i]), bool(null_keeps[i]), float(area[i]), cfg)
+            s, r = status_of(bool(verdict["sufficient"][i]), bool(verdict["testable"][i]),
+                             float(verdict["random_pass"][i]), float(verdict["area"][i]), cfg,
+                             ", ".join(fills.names), fills.described(i))
             statuses.append(s)
             reasons.append(r)
+        kept = verdict["kept"]
         if not bool(kept.all()):
-            warnings.warn(f"medcam_fast: {int((~kept).sum())} of {n} binary mask(s) do not keep the label "
-                          "(returned with kept=False)", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"medcam_fast: {int((~kept).sum())} of {n} binary mask(s) do not keep the label on the "
+                          "blank baseline (returned with kept=False)", RuntimeWarning, stacklevel=2)
+        mf = verdict["mask"][:, None].to(x.dtype)
+        evidence = mf * x + (1 - mf) * cfg.baseline
+        cpu = {k: v.cpu() for k, v in verdict.items() if torch.is_tensor(v)}
         return Explanation(
-            mask=mask.cpu(), soft_mask=soft[:, 0].detach().cpu(), evidence=evidence.detach().cpu(),
-            label=label.cpu(), prob_input=prob_input.cpu(), prob_evidence=suff.prob[rows, idx].cpu(),
-            kept=kept.cpu(), area=area.cpu(), steps=steps, seconds=time.perf_counter() - start,
-            prob_null=prob_null.cpu(), null_keeps_label=null_keeps.cpu(), kept_robust=kept_robust.cpu(),
-            status=statuses, reason=reasons, selection=[f"{names[int(j)]}: {notes[i]}" for i, j in enumerate(idx)],
-            backgrounds=pool.description, mode=self.mode)
+            mask=cpu["mask"], soft_mask=soft[:, 0].detach().cpu(), evidence=evidence.detach().cpu(),
+            label=label.cpu(), prob_input=prob_input.cpu(), prob_evidence=cpu["prob_evidence"],
+            kept=cpu["kept"], area=cpu["area"], steps=steps, seconds=time.perf_counter() - start,
+            prob_null=prob_null.cpu(), null_keeps_label=null_keeps.cpu(), kept_robust=cpu["kept_robust"],
+            status=statuses, reason=reasons, selection=verdict["selection"],
+            backgrounds=pool.description if pool is not None else "", mode=self.mode,
+            sufficient=cpu["sufficient"], margin=cpu["margin"], flipped_when_removed=cpu["flipped"],
+            prob_removed=cpu["prob_removed"], random_pass=cpu["random_pass"], shape_keeps_label=cpu["shape_keeps"],
+            a_star=cpu["a_star"], curve_areas=tuple(cfg.area_grid), evidence_curve=cpu["curve"],
+            certified_fills=[fills.described(i) for i in range(n)])
 
-    def _fit(self, x, label, logits_x, feats_x, pool, seed) -> tuple[torch.Tensor, torch.Tensor]:
+    def _verify(self, x, label, mask_logits, fills, pool, need, seed) -> dict:
+        """The test of :mod:`.sufficiency` on every candidate, the choice, and the chosen mask's
+        deletion side, controls, a* and evidence curve (``[N]`` tensors, ``curve`` ``[N,A]``)."""
+        cfg, fwd, n = self.config, self._frozen_forward, x.shape[0]
+        thr_logit = cfg.mask_temperature * math.log(cfg.threshold / (1 - cfg.threshold))
+        masks, names = candidate_masks(mask_logits, thr_logit, cfg.area_grid)   # threshold, then the grid
+        use = sufficiency.counted(fills)
+        testable = use.any(1)
+        kept_side = sufficiency.run_side(fwd, x, label, masks, fills, "preservation", cfg.max_batch)
+        sufficient, worst_prob = sufficiency.preserved(kept_side, use, need)
+        worst_margin = sufficiency.worst_margin(kept_side, use)
+        removed_side = sufficiency.run_side(fwd, x, label, masks, fills, "deletion", cfg.max_batch)
+        flipped, prob_removed = sufficiency.flipped(removed_side, use)
+        meets = {"preservation": sufficient, "deletion": flipped, "dual": sufficient & flipped}[cfg.objective]
+        if cfg.objective == "dual":   # both where some candidate has both, else sufficiency alone
+            meets = torch.where(meets.any(1, keepdim=True), meets, sufficient)
+        if not (cfg.minimal_search or cfg.repair):   # the threshold mask only
+            meets = meets.clone()
+            meets[:, 1:] = False
+        idx, notes = choose(masks, names, meets, worst_margin, testable, cfg)
+        rows = torch.arange(n, device=x.device)
+        mask = masks[rows, idx]
+        mf = mask[:, None].to(x.dtype)
+        ev_logits = batched_logits(fwd, mf * x + (1 - mf) * cfg.baseline, cfg.max_batch)
+        ctl = sufficiency.controls(fwd, x, label, mask, fills, need, cfg.n_random, seed, cfg.max_batch, use)
+        kept_robust = torch.full((n,), float("nan"), device=x.device)
+        if cfg.audit_counterfactual and pool is not None and pool.verify_index is not None:
+            kr = kept_robust_of_masks(fwd, x, label, mask, pool.verify_backgrounds(), cfg.max_batch)
+            kept_robust = torch.where(pool.missing.to(x.device), kept_robust, kr)
+        return {
+            "mask": mask, "area": mask.flatten(1).float().mean(1), "testable": testable,
+            "sufficient": sufficient[rows, idx], "margin": worst_margin[rows, idx],
+            "kept": ev_logits.argmax(1) == label,
+            "prob_evidence": ev_logits.softmax(1).gather(1, label[:, None])[:, 0],
+            "flipped": flipped[rows, idx], "prob_removed": prob_removed[rows, idx],
+            "random_pass": ctl.random_pass, "shape_keeps": ctl.shape_keeps, "kept_robust": kept_robust,
+            "a_star": sufficiency.extremal_area(cfg.area_grid, sufficient[:, 1:]),
+            "curve": worst_prob[:, 1:],
+            "selection": [f"{names[int(j)]}: {notes[i]}" for i, j in enumerate(idx)],
+        }
+
+    def _fit(self, x, label, logits_x, feats_x, pool, fills, seed) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits ``[N,1,H,W]`` and steps ``[N]``; nothing here lives on ``self`` (thread safety)."""
         cfg = self.config
         if self.mode == "reference":
@@ -186,7 +231,7 @@ class Explainer:
             targets = (logits_x[sl].detach(), [f[sl].detach() for f in feats_x],
                        [losses.channel_rms(f[sl].detach()) for f in feats_x])
             try:
-                fit = fit_fast(self.classifier, x[sl], label[sl], targets, self._sampler(x[sl], pool, sl, seed),
+                fit = fit_fast(self.classifier, x[sl], label[sl], targets, self._sampler(x[sl], pool, fills, sl, seed),
                                cfg, seed)
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not _is_oom(exc) or e - s == 1:
@@ -202,8 +247,17 @@ class Explainer:
             steps[sl] = fit.steps
         return logits, steps
 
-    def _sampler(self, xs, pool, sl, seed) -> BackgroundSampler:
+    def _sampler(self, xs, pool, fills, sl, seed) -> BackgroundSampler:
+        """The robustness term's backgrounds: the images' own certified fills (``"fills"``; all
+        fills for an image with none certified), other images (``"counterfactual"``), or a kind."""
         cfg = self.config
+        if cfg.background == "fills":
+            f = fills.images.shape[1]
+            eligible = []
+            for i in range(sl.start, sl.stop):
+                ok = fills.certified[i].nonzero().flatten().cpu()
+                eligible.append(i * f + (ok if ok.numel() else torch.arange(f)))
+            return BackgroundSampler("fills", xs, seed, pool=fills.images.flatten(0, 1), eligible=eligible)
         if cfg.background == "counterfactual":
             eligible = pool.train_eligible[sl]
             if all(e.numel() > 0 for e in eligible):

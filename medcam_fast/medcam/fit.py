@@ -69,26 +69,36 @@ def compose_all(x, m, baseline, backgrounds: list[torch.Tensor]) -> torch.Tensor
 
 
 def fast_loss(clf, x, label, m, mask_logits, backgrounds, targets, cfg: MedCAMConfig, metrics):
-    """Per-image loss ``[N]`` and the evidence/robust logits (``[N,K]`` argmax-kept for the robust
-    ones), from one classifier pass over [e; e~_1 .. e~_K]."""
+    """Per-image loss ``[N]``, the evidence logits, and whether the objective held at this step
+    ``[N]`` bool, from one classifier pass over [e; e~_1 .. e~_K; d].
+
+    e = m*x + (1-m)*baseline carries the keep terms (AM, KL, CE); e~ = m*x + (1-m)*r the
+    robustness term; d = (1-m)*x + m*r the deletion term (``cfg.objective`` "deletion" or "dual").
+    """
     target_logits, target_feats, target_scales = targets
     n = x.shape[0]
-    batch = compose_all(x, m, cfg.baseline, backgrounds)
+    preserve = cfg.objective in ("preservation", "dual")
+    delete = cfg.objective in ("deletion", "dual")
+    parts = [compose_all(x, m, cfg.baseline, backgrounds)]
+    if delete:
+        parts.append(ops.compose(x, 1 - m, backgrounds[0], backgrounds[0])[:n])
+    batch = torch.cat(parts) if delete else parts[0]
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp(cfg, x)):
         logits, feats = clf.forward(batch, with_activations=True)
     logits, feats = logits.float(), [f.float() for f in feats]  # losses in fp32
-    out_e, out_r = logits[:n], logits[n:]
-    label_r = label.repeat(len(backgrounds))
+    k = len(backgrounds)
+    out_e, out_r = logits[:n], logits[n:n * (1 + k)]
+    label_r = label.repeat(k)
     am = losses.activation_matching([f[:n] for f in feats], target_feats, target_scales, clf.weights, metrics)
     if cfg.ce_mode == "hinge":
-        # e: as confident as x (up to p = keep_prob); e~: p(label) >= keep_prob on other context
+        # e: as confident as x (up to p = keep_prob); e~: p(label) >= keep_prob under the fills
         floor = -math.log(cfg.keep_prob)
         ce_e = losses.label_ce_hinge(out_e, label, losses.label_ce(target_logits, label).clamp(max=floor))
         ce_r = losses.label_ce_hinge(out_r, label_r, floor)
     else:
         ce_e = losses.label_ce(out_e, label, cfg.ce_temperature)
         ce_r = losses.label_ce(out_r, label_r, cfg.ce_temperature)
-    ce_r = ce_r.view(len(backgrounds), n).mean(0)
+    ce_r = ce_r.view(k, n).mean(0)
     keep = cfg.act * am + cfg.kl * losses.kl_to_input(out_e, target_logits, cfg.kl_temperature) + cfg.ce * ce_e
     if cfg.st_slope > 0:
         # the priors see the soft mask with the same constant slope as the ST mask: pushes up and
@@ -98,18 +108,26 @@ def fast_loss(clf, x, label, m, mask_logits, backgrounds, targets, cfg: MedCAMCo
         pri = ops.mask_priors((lin - lin.detach()) + soft.detach(), diagonal=cfg.tv_diagonal)
     else:
         pri = losses.mask_priors(mask_logits, cfg.mask_temperature, cfg.tv_diagonal)
-    minimal = cfg.area * pri[:, 0] + cfg.bin * pri[:, 1] + cfg.tv * pri[:, 2]
-    robust = cfg.rob * ce_r
-    loss = cfg.lambda_am * keep + cfg.lambda_min * minimal + cfg.lambda_rob * robust
-    kept_r = (out_r.detach().argmax(1) == label_r).view(len(backgrounds), n).all(0)
-    return loss, out_e.detach(), kept_r
+    loss = cfg.lambda_min * (cfg.area * pri[:, 0] + cfg.bin * pri[:, 1] + cfg.tv * pri[:, 2])
+    held = torch.ones(n, dtype=torch.bool, device=x.device)
+    if preserve:
+        loss = loss + cfg.lambda_am * keep + cfg.lambda_rob * cfg.rob * ce_r
+        held = (out_e.detach().argmax(1) == label) & \
+            (out_r.detach().argmax(1) == label_r).view(k, n).all(0)
+    if delete:
+        out_d = logits[n * (1 + k):]
+        log_p = torch.log_softmax(out_d, 1).gather(1, label[:, None])[:, 0]
+        loss = loss + cfg.dele * torch.relu(log_p - math.log(cfg.del_prob))
+        held = held & (out_d.detach().argmax(1) != label)
+    return loss, out_e.detach(), held
 
 
 def fit_fast(clf, x, label, targets, sampler: BackgroundSampler, cfg: MedCAMConfig, seed: int) -> FitResult:
     """Fits one light U-Net per image, all at once; each image stops on its own.
 
     An image stops when, at ``patience`` checks in a row (one every ``check_every`` steps), its
-    binary evidence and its robust composites kept the label at every step of the window and its
+    objective held at every step of the window (the binary evidence and its composites kept the
+    label; with deletion, the label lost without the mask) and its
     loss summed over the window changed by less than ``plateau`` (relative) from the window before
     (windows have ``check_every`` steps each, so this is the relative change of the mean too);
     it then leaves the batch. The host syncs only at checks.
@@ -131,10 +149,10 @@ def fit_fast(clf, x, label, targets, sampler: BackgroundSampler, cfg: MedCAMConf
         noise = sampler.uniform_like(mask_logits) if cfg.binarize == "stochastic" else None
         _, m = straight_through(mask_logits, cfg, (step - 1) / cfg.steps, noise)
         backgrounds = [sampler.draw() for _ in range(cfg.rob_draws)]
-        loss, out_e, kept_r = fast_loss(clf, xa, ya, m, mask_logits, backgrounds, ta, cfg, metrics)
+        loss, _, held = fast_loss(clf, xa, ya, m, mask_logits, backgrounds, ta, cfg, metrics)
         loss.sum().backward()
         opt.step()
-        kept_acc &= (out_e.argmax(1) == ya) & kept_r
+        kept_acc &= held
         window_loss += loss.detach()
         last = step == cfg.steps
         if step % cfg.check_every and not last:

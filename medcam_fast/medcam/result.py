@@ -16,17 +16,29 @@ class Explanation:
         evidence: float ``[N,C,H,W]`` = mask*x + (1-mask)*baseline.
         label: long ``[N]``, the explained class.
         prob_input, prob_evidence: float ``[N]``, softmax p(label) on x and on the evidence.
-        kept: bool ``[N]``, argmax f(evidence) == label (checked, never assumed).
+        kept: bool ``[N]``, argmax f(evidence) == label on the blank baseline (checked, never
+            assumed; vacuous where the blank alone gives the label: see ``sufficient``).
         area: float ``[N]``, the fraction of pixels in the mask.
         steps: long ``[N]``, fit steps taken.
         seconds: wall time of the call.
         prob_null: float ``[N]``, p(label) on the baseline image alone (the "blank image").
         null_keeps_label: bool ``[N]``, the blank image alone already gives the label.
-        kept_robust: float ``[N]``, the fraction of composites mask*x + (1-mask)*x' that keep the
-            label, over backgrounds x' whose own label differs (NaN when none existed).
-        status: per image "ok", "null_keeps_label", "not_minimal" or "not_kept".
+        kept_robust: float ``[N]``, audit only (``audit_counterfactual``): the fraction of composites
+            mask*x + (1-mask)*x' that keep the label, x' of another label (NaN when not computed).
+        status: per image "ok", "null_keeps_label", "not_informative", "not_minimal" or "not_kept".
         reason: per image, why that status; selection: which candidate became the mask.
-        backgrounds: how the counterfactual backgrounds were drawn.
+        backgrounds: how the counterfactual backgrounds were drawn ("" when none were).
+        sufficient: bool ``[N]``, the label kept by ``keep_margin`` under every certified fill
+            (:mod:`medcam_fast.medcam.sufficiency`); margin: float ``[N]``, the worst such margin.
+        flipped_when_removed: bool ``[N]``, the label lost with the mask removed, under every
+            certified fill; prob_removed: float ``[N]``, the highest p(label) then.
+        random_pass: float ``[N]``, the share of random blobs at the mask's area that pass the same
+            test (the leakage control; ``ok`` needs it <= ``random_bound``).
+        shape_keeps_label: bool ``[N]``, the mask's outline alone (no content of x) gives the label.
+        a_star: float ``[N]``, the smallest area of ``curve_areas`` at which the ranking's top pixels
+            are sufficient (NaN: none is); evidence_curve: float ``[N,A]``, worst-case p(label)
+            under the certified fills against ``curve_areas`` (NaN where none is certified).
+        certified_fills: per image, the fills that counted.
     """
 
     mask: torch.Tensor
@@ -47,6 +59,16 @@ class Explanation:
     selection: list[str] = field(default_factory=list)
     backgrounds: str = ""
     mode: str = "fast"
+    sufficient: torch.Tensor | None = None
+    margin: torch.Tensor | None = None
+    flipped_when_removed: torch.Tensor | None = None
+    prob_removed: torch.Tensor | None = None
+    random_pass: torch.Tensor | None = None
+    shape_keeps_label: torch.Tensor | None = None
+    a_star: torch.Tensor | None = None
+    curve_areas: tuple[float, ...] = ()
+    evidence_curve: torch.Tensor | None = None
+    certified_fills: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -69,7 +91,21 @@ class Explanation:
                 "status": self.status[i],
                 "reason": self.reason[i] if self.reason else "",
                 "selection": self.selection[i] if self.selection else "",
+                "sufficient": _opt(self.sufficient, i, bool),
+                "margin": _opt(self.margin, i, float),
+                "flipped_when_removed": _opt(self.flipped_when_removed, i, bool),
+                "prob_removed": _opt(self.prob_removed, i, float),
+                "random_pass": _opt(self.random_pass, i, float),
+                "shape_keeps_label": _opt(self.shape_keeps_label, i, bool),
+                "a_star": _opt(self.a_star, i, float),
+                "curve_areas": list(self.curve_areas),
+                "evidence_curve": [] if self.evidence_curve is None else [float(v) for v in self.evidence_curve[i]],
+                "certified_fills": self.certified_fills[i] if self.certified_fills else "",
                 "steps": int(self.steps[i]),
                 "seconds": self.seconds / max(len(self), 1),
             })
         return out
+
+
+def _opt(t, i, kind):
+    return None if t is None else kind(t[i])

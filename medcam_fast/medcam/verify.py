@@ -1,15 +1,13 @@
-"""After the fit: binary candidates from the soft mask, the checks that make "kept" mean something
-(null audit, counterfactual sufficiency), the choice of the smallest sufficient mask, the status."""
+"""After the fit: binary candidates from the soft mask, the choice of the smallest one that meets
+the test of :mod:`.sufficiency`, the status; and the optional counterfactual audit (kept_robust)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 
 from ..metrics.topk import top_k_mask
 
-STATUSES = ("ok", "null_keeps_label", "not_minimal", "not_kept")
+STATUSES = ("ok", "null_keeps_label", "not_informative", "not_minimal", "not_kept")
 
 
 @torch.no_grad()
@@ -58,15 +56,6 @@ def kept_robust_of_masks(forward, x, label, masks, backgrounds, batch_size: int 
     return out[:, 0] if squeeze else out
 
 
-@dataclass
-class Sufficiency:
-    """Per image and candidate: kept on the baseline [N,M], p(label) [N,M], kept_robust [N,M]."""
-
-    kept: torch.Tensor
-    prob: torch.Tensor
-    kept_robust: torch.Tensor
-
-
 def allowed_failures(k: int, threshold: float) -> int:
     """Composites of ``k`` that a sufficient candidate may lose: the most f with 1 - f/k >= threshold."""
     return k - math.ceil(threshold * k - 1e-9)
@@ -108,100 +97,68 @@ def sequential_kept_robust(forward, x, label, masks, backgrounds, needed, thresh
     return out
 
 
-@torch.no_grad()
-def check_candidates(forward, x, label, masks, baseline: float, robust_bgs, batch_size: int,
-                     threshold: float = 0.9, untestable: torch.Tensor | None = None) -> Sufficiency:
-    """Runs f on every candidate's evidence m*x + (1-m)*baseline and, when ``robust_bgs``
-    ``[N,K,C,H,W]`` is given, on its K composites m*x + (1-m)*x' (kept_robust = fraction kept).
-
-    kept_robust is computed where it can matter: for the candidates kept on the baseline and for
-    the threshold mask (a fallback), with :func:`sequential_kept_robust`; NaN for the others, and
-    for every candidate of the ``untestable`` ``[N]`` images (no background of another label).
-    Without backgrounds kept_robust is NaN everywhere."""
-    n, m_count = masks.shape[:2]
-    mf = masks.to(x.dtype).unsqueeze(2)                                 # [N,M,1,H,W]
-    ev = mf * x.unsqueeze(1) + (1 - mf) * baseline                     # [N,M,C,H,W]
-    logits = batched_logits(forward, ev.flatten(0, 1), batch_size).view(n, m_count, -1)
-    prob = logits.softmax(-1).gather(2, label.view(n, 1, 1).expand(n, m_count, 1))[..., 0]
-    kept = logits.argmax(-1) == label.view(n, 1)
-    if robust_bgs is None:
-        return Sufficiency(kept, prob, torch.full_like(prob, float("nan")))
-    needed = kept.clone()
-    needed[:, 0] = True
-    if untestable is not None:
-        needed[untestable.to(needed.device)] = False
-    return Sufficiency(kept, prob, sequential_kept_robust(forward, x, label, masks, robust_bgs, needed, threshold,
-                                                          batch_size))
-
-
-def choose(masks, names, suff: Sufficiency, cfg):
+def choose(masks, names, meets: torch.Tensor, score: torch.Tensor, testable: torch.Tensor, cfg):
     """Index ``[N]`` of the chosen candidate and a note per image.
 
-    Sufficient = kept on the baseline and kept_robust >= ``cfg.robust_threshold``.
-    With ``cfg.minimal_search``: the smallest sufficient candidate, preferring areas inside
-    [min_area, max_area] (a degenerate one only when nothing else is sufficient). Without it: the
-    threshold mask, or with ``cfg.repair`` the smallest sufficient candidate at least as large.
-    Where sufficiency cannot be tested (no counterfactual background: kept_robust is NaN) an
-    "empty but kept" mask proves nothing, so the threshold mask stays (repaired only for kept).
-    With nothing sufficient: the kept candidate with the highest kept_robust (ties: smaller),
-    else the threshold mask.
+    Args:
+        masks: bool ``[N,M,H,W]`` candidates (index 0 the threshold mask); names: their names.
+        meets: bool ``[N,M]``: the candidate meets the objective's test (sufficient; with
+            ``objective`` "deletion" flipped when removed; "dual" both, else sufficient).
+        score: ``[N,M]`` worst-case margin under the fills (the fallback's order).
+        testable: bool ``[N]``: at least one fill counts (else nothing can be shown).
+
+    With ``cfg.minimal_search``: the smallest candidate that meets the test, preferring areas in
+    [min_area, max_area] (a degenerate one only when nothing else does). Without it: the threshold
+    mask, or with ``cfg.repair`` the smallest meeting candidate at least as large. Untestable
+    images keep the threshold mask. With nothing meeting the test: the candidate of highest score.
     """
     n = masks.shape[0]
     area = masks.flatten(2).float().mean(2)                             # [N,M]
-    untestable = torch.isnan(suff.kept_robust[:, 0])
-    sufficient = suff.kept & (suff.kept_robust >= cfg.robust_threshold)
     sane = (area >= cfg.min_area) & (area <= cfg.max_area)
     chosen, notes = [], []
     for i in range(n):
-        a = area[i]
-        if untestable[i]:
-            s, minimal, label = suff.kept[i], False, "kept (sufficiency untestable)"
-        else:
-            s, minimal, label = sufficient[i], cfg.minimal_search, "sufficient"
-        if s[0] and not minimal:
+        a, s = area[i], meets[i]
+        if not testable[i]:
             chosen.append(0)
-            notes.append(f"threshold mask {label}")
+            notes.append("threshold mask (no fill is certified: nothing can be shown)")
             continue
-        allowed = s.clone() if minimal else (s & (a >= a[0]) if cfg.repair else torch.zeros_like(s))
-        if minimal and (allowed & sane[i]).any():
+        if s[0] and not cfg.minimal_search:
+            chosen.append(0)
+            notes.append("threshold mask meets the test")
+            continue
+        allowed = s.clone() if cfg.minimal_search else (s & (a >= a[0]) if cfg.repair else torch.zeros_like(s))
+        if cfg.minimal_search and (allowed & sane[i]).any():
             allowed &= sane[i]
         if allowed.any():
-            idx = int(torch.where(allowed, a, torch.full_like(a, 2.0)).argmin())
-            chosen.append(idx)
-            notes.append(f"smallest {label}" if minimal else f"repaired: smallest larger {label}")
+            chosen.append(int(torch.where(allowed, a, torch.full_like(a, 2.0)).argmin()))
+            notes.append("smallest meeting the test" if cfg.minimal_search else "repaired: smallest larger meeting the test")
             continue
-        kr = torch.nan_to_num(suff.kept_robust[i], nan=0.0)
-        if suff.kept[i].any():
-            score = torch.where(suff.kept[i], kr * 10 - a, torch.full_like(a, -1e9))
-            idx = int(score.argmax())
-            notes.append("nothing sufficient; the kept candidate with the best kept_robust")
-        else:
-            idx = 0
-            notes.append("no candidate keeps the label")
-        chosen.append(idx)
+        sc = torch.nan_to_num(score[i], nan=-1e9)
+        chosen.append(int(torch.where(sc == sc.max(), a, torch.full_like(a, 2.0)).argmin()))
+        notes.append("nothing meets the test; the candidate with the best worst-case margin")
     return torch.tensor(chosen, device=masks.device), notes
 
 
-def status_of(kept: bool, kept_robust: float, null_keeps: bool, area: float, cfg) -> tuple[str, str]:
+def status_of(sufficient: bool, testable: bool, random_pass: float, area: float, cfg,
+              fills_alone: str = "", certified: str = "") -> tuple[str, str]:
     """The status rules, in order:
 
-    1. ``not_kept``: f(evidence) does not give the label.
-    2. ``null_keeps_label``: the blank (baseline) image already gives the label and sufficiency
-       on other images' context is not shown (kept_robust below threshold or untestable).
-    3. ``not_kept``: kept on the baseline, but not on other images' context (kept_robust below
-       threshold), or no counterfactual background existed to test it.
+    1. ``null_keeps_label``: no fill is certified (every fill alone already gives the label), so
+       preservation cannot show evidence for this class on this classifier.
+    2. ``not_kept``: the label is not kept under every certified fill by the required margin.
+    3. ``not_informative``: random blobs of the same area pass the same test more often than
+       ``random_bound``: the test does not tell this mask from chance.
     4. ``not_minimal``: area below ``min_area`` or above ``max_area`` (degenerate).
     5. ``ok``.
     """
-    robust_ok = kept_robust == kept_robust and kept_robust >= cfg.robust_threshold  # NaN fails
-    if not kept:
-        return "not_kept", "f(evidence) does not give the label"
-    if null_keeps and not robust_ok:
-        return "null_keeps_label", "the blank image already gives this label; the evidence is not sufficient elsewhere"
-    if not robust_ok:
-        if kept_robust != kept_robust:
-            return "not_kept", "no counterfactual background to test sufficiency on"
-        return "not_kept", f"kept on the blank baseline but only {kept_robust:.0%} of counterfactual composites"
+    if not testable:
+        return "null_keeps_label", (f"every fill alone ({fills_alone}) already gives this label: preservation "
+                                    "cannot show evidence for this class on this classifier")
+    if not sufficient:
+        return "not_kept", f"the label is not kept by the required margin under every certified fill ({certified})"
+    if not random_pass <= cfg.random_bound:
+        return "not_informative", (f"random blobs of this area pass the same test too ({random_pass:.0%} > "
+                                   f"{cfg.random_bound:.0%}): the test does not tell this mask from chance here")
     if area < cfg.min_area or area > cfg.max_area:
         return "not_minimal", f"degenerate area {area:.1%} (outside {cfg.min_area:.1%}-{cfg.max_area:.0%})"
-    return "ok", "kept, counterfactually sufficient and not degenerate"
+    return "ok", f"sufficient under every certified fill ({certified}); random blobs of its area pass {random_pass:.0%}"
