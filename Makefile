@@ -8,7 +8,7 @@ OUT    ?= demo_out
 BENCH_JSON := benchmarks/results/json
 DATA   ?= ../shared/data
 
-.PHONY: all venv build test test-suite test-isa demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx probe evaluate-tag clean
+.PHONY: all venv build test test-suite test-isa demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx probe evaluate-tag tune-sufficiency clean
 
 all: test
 
@@ -93,6 +93,11 @@ evaluate-tag: build
 	$(BIN)/python benchmarks/evaluate.py --dataset brain_mri_tag --data $(DATA)/brain_mri \
 	  --classifier brain_mri_tag_mobilenetv2 --weights-dir benchmarks/models --n 50 --reference-images 2 \
 	  --sanity-images 0 --out benchmarks/results/evaluation_brain_mri_tag
+
+# the sufficiency test's and the fit's defaults, on val known-evidence cases and val images only
+tune-sufficiency: build
+	$(BIN)/python benchmarks/tune_sufficiency.py --data $(DATA)/brain_mri --n-tag 20 --n-demo 6 \
+	  --out benchmarks/results/tuning_sufficiency_val
 
 clean:
 	rm -rf build medcam_fast/_C*.so medcam_fast/_build_info.json .pytest_cache

@@ -71,14 +71,15 @@ def explain_table(data: dict, device: str | None) -> str:
         if e.get("kind") != "fast_vs_reference":
             continue
         rows[(e["size"], e["mode"])] = e
-    out = ["| H=W | mode | images | s / image | speed-up | kept | kept_robust | mean area | p(y|x) | p(y|evidence) "
-           "| status ok | mean steps |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| H=W | mode | images | s / image | speed-up | kept | sufficient | random_pass | mean area | p(y|x) "
+           "| p(y|evidence) | status ok | mean steps |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (size, mode), e in sorted(rows.items()):
         ref = rows.get((size, "reference"))
         speed = f"{ref['seconds_per_image'] / e['seconds_per_image']:.1f}x" if ref else "-"
         out.append(f"| {size} | {mode} | {e['n_images']} | {e['seconds_per_image']:.2f} | {speed} | "
-                   f"{e['kept_rate']:.0%} | {e['kept_robust']:.2f} | {e['mean_area']:.1%} | "
+                   f"{e['kept_rate']:.0%} | {e.get('sufficient', float('nan')):.0%} | "
+                   f"{e.get('random_pass', float('nan')):.2f} | {e['mean_area']:.1%} | "
                    f"{e['mean_prob_input']:.3f} | {e['mean_prob_evidence']:.3f} | {e['status_ok']}/{e['n_images']} | "
                    f"{e['mean_steps']:.0f} |")
     return "\n".join(out)

@@ -85,15 +85,15 @@ def test_demo_in_process(demo):
     assert rc == 0, stderr
     assert table_names(stdout, NAMES) == NAMES                      # one table row per sample, in order
     header = stdout.splitlines()[0].split()
-    assert header == ["name", "class", "p(x)", "p(evidence)", "kept", "kept_robust", "area", "p(blank)", "blank_keeps",
-                      "status", "seconds"]
+    assert header == ["name", "class", "p(x)", "p(evidence)", "sufficient", "area", "a*", "random_pass",
+                      "flipped_removed", "p(blank)", "blank_keeps", "status", "seconds"]
     # the null audit is in the printed table too: samples called glioma (the blank image's call) are
     # kept by the blank image, the others not
     from medcam_fast import zoo
 
     rows = {line.split()[0]: line.split() for line in stdout.splitlines()[2:2 + len(NAMES)]}
     called = {r["name"]: r["predicted_class"] for r in zoo.card()["sample_predictions"]}
-    assert {n: rows[n][8] for n in NAMES} == {n: "yes" if called[n] == "glioma" else "no" for n in NAMES}
+    assert {n: rows[n][10] for n in NAMES} == {n: "yes" if called[n] == "glioma" else "no" for n in NAMES}
     assert set(called.values()) > {"glioma"}                         # both answers are exercised
     assert (out / "report.html").is_file() and (out / "results.json").is_file()
     links = check_links(out)

@@ -68,6 +68,21 @@ def test_panel_width_grows_with_panels(tmp_path):
     assert w5 > w3 * 1.5
 
 
+def test_panel_plots_the_evidence_curve(tmp_path):
+    image, mask, evidence, _, _ = inputs(1)
+    areas = [0.01, 0.02, 0.05, 0.1, 0.3, 0.9]
+    row = make_row(curve_areas=areas, evidence_curve=[0.1, 0.2, 0.7, 0.8, 0.9, 0.95], a_star=0.05, sufficient=True,
+                   random_pass=0.0)
+    w3 = Image.open(panel_png(tmp_path / "a.png", image, make_row(), mask, evidence)).size[0]
+    w4 = Image.open(panel_png(tmp_path / "b.png", image, row, mask, evidence)).size[0]
+    assert w4 > w3 * 1.2                                                # a fourth panel: the curve
+    t = report.panel_title(row)
+    assert "a*: 5.0%" in t and "sufficient: yes" in t and "random_pass: 0.00" in t
+    # a curve of NaNs only (no certified fill) is left out rather than drawn empty
+    nan_row = make_row(curve_areas=areas, evidence_curve=[None] * len(areas))
+    assert Image.open(panel_png(tmp_path / "c.png", image, nan_row, mask, evidence)).size[0] == w3
+
+
 def test_outline_not_filled(tmp_path):
     """A line, not a fill: inside a large mask most pixels keep the image's own (gray) values."""
     image = torch.full((1, H, W), 0.5)
@@ -100,7 +115,8 @@ def test_panel_rejects_mismatched_shapes(tmp_path):
 
 def test_panel_title_numbers():
     t = report.panel_title(make_row(kept_robust=float("nan")), "x")
-    for s in ("meningioma", "0.910", "0.830", "kept: yes", "kept_robust: n/a", "12.0%", "status: ok", "0.42 s"):
+    for s in ("meningioma", "0.910", "0.830", "kept: yes", "sufficient: n/a", "12.0%", "a*: n/a", "random_pass: n/a",
+              "status: ok", "0.42 s"):
         assert s in t
     assert "blank image" not in t
     assert "gives meningioma for a blank image" in report.panel_title(make_row(null_keeps_label=True))
@@ -149,8 +165,9 @@ def test_blank_image_sentence(tmp_path):
 
 def test_html_table_columns(tmp_path):
     html, _ = write(tmp_path, [make_row(kept_robust=float("nan"))])
-    for head in ("name", "label", "class name", "p(label | x)", "p(label | evidence)", "kept", "kept_robust",
-                 "area", "p(label | blank)", "null_keeps_label", "status", "seconds"):
+    for head in ("name", "label", "class name", "p(label | x)", "p(label | evidence)", "kept", "sufficient",
+                 "area", "a*", "random_pass", "flipped when removed", "certified fills", "p(label | blank)",
+                 "null_keeps_label", "kept_robust (audit)", "status", "seconds"):
         assert f"<th>{head}</th>" in html
     assert "<td>img_0</td>" in html and ">0.910<" in html and ">n/a<" in html
 
@@ -174,11 +191,11 @@ def test_write_report_checks_lengths(tmp_path):
 
 
 def test_text_table_one_line_per_row():
-    rows = [make_row(name=f"n{i}", kept_robust=float("nan") if i else 0.5) for i in range(3)]
+    rows = [make_row(name=f"n{i}", random_pass=float("nan") if i else 0.5) for i in range(3)]
     lines = text_table(rows).splitlines()
     assert len(lines) == 2 + 3 and lines[0].split()[0] == "name"
     assert lines[2].split()[0] == "n0" and "n/a" in lines[3] and "0.50" in lines[2]
-    assert not math.isnan(rows[0]["kept_robust"])
+    assert not math.isnan(rows[0]["random_pass"])
 
 
 # ---------------------------------------------------------------------------------------------------- Grad-CAM

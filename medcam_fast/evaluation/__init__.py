@@ -159,12 +159,17 @@ def evaluate_dataset(dataset: str, root, classifier: str, out_dir, n: int = 100,
               "images" + (" tagged as in the classifier's training" if cases else "") + "; one column, not the "
               "verdict (Puli et al. 2024)"] if judge is not None else []
     facts += [
-        f"dataset: {dataset}, test split, {len(ids)} images (seeded draw {seed}); counterfactual backgrounds: "
+        f"dataset: {dataset}, test split, {len(ids)} images (seeded draw {seed}); audit backgrounds: "
         f"{pool.shape[0]} val images; CAM thresholds tuned for IoU on {x_val.shape[0]} other val images",
         f"classifier: {classifier} ({card['model']['arch']}, input {card['model']['input_size']}), test accuracy "
         f"{test_acc.get('accuracy', float('nan')):.3f}, balanced {test_acc.get('balanced_accuracy', float('nan')):.3f}",
         f"the blank (baseline) image is classified as '{class_names[ev.null_label]}': for images of that class "
         "an empty mask already 'keeps' the label",
+        "sufficiency (every method, one test: medcam_fast.medcam.sufficiency): the label kept by min(0.25, half its "
+        "lead on x) logits under every fill certified for the image (blank, x blurred at 5% and 15% of the side, "
+        "x's mean; certified where the fill alone does not give the label); random_pass: 16 random blobs at the "
+        "mask's area under the same test; a*: the smallest area of the grid whose top pixels are sufficient (1.0 "
+        "where none is); kept_robust: pasted onto val images of other labels, an audit only",
         "Med-CAM fast: default MedCAMConfig; medcam_plain: plain_config() (the straightforward 'before' Med-CAM)"
         + (f"; reference mode on {reference_images} image(s)" if "medcam_reference" in methods else ""),
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "

@@ -231,7 +231,7 @@ class Evaluation:
             extra = {"status": res.status, "mc_random_pass": [float(v) for v in res.random_pass],
                      "prob_null": [float(v) for v in res.prob_null], "steps": [int(v) for v in res.steps],
                      "mc_null_keeps_label": [bool(v) for v in res.null_keeps_label]}
-            self._append(self._score(method, idx, res.soft_mask, res.mask, seconds, extra, own_mask_counts=True))
+            self._append(self._score(method, idx, res.ranking, res.mask, seconds, extra, own_mask_counts=True))
             if self.progress:
                 self.progress(method, len(idx))
 

@@ -152,7 +152,7 @@ class Explainer:
         for i in range(n):
             s, r = status_of(bool(verdict["sufficient"][i]), bool(verdict["testable"][i]),
                              float(verdict["random_pass"][i]), float(verdict["area"][i]), cfg,
-                             ", ".join(fills.names), fills.described(i))
+                             ", ".join(fills.names), fills.described(i, verdict["use"]))
             statuses.append(s)
             reasons.append(r)
         kept = verdict["kept"]
@@ -161,7 +161,7 @@ class Explainer:
                           "blank baseline (returned with kept=False)", RuntimeWarning, stacklevel=2)
         mf = verdict["mask"][:, None].to(x.dtype)
         evidence = mf * x + (1 - mf) * cfg.baseline
-        cpu = {k: v.cpu() for k, v in verdict.items() if torch.is_tensor(v)}
+        cpu = {k: v.cpu() for k, v in verdict.items() if torch.is_tensor(v) and k != "use"}
         return Explanation(
             mask=cpu["mask"], soft_mask=soft[:, 0].detach().cpu(), evidence=evidence.detach().cpu(),
             label=label.cpu(), prob_input=prob_input.cpu(), prob_evidence=cpu["prob_evidence"],
@@ -172,7 +172,7 @@ class Explainer:
             sufficient=cpu["sufficient"], margin=cpu["margin"], flipped_when_removed=cpu["flipped"],
             prob_removed=cpu["prob_removed"], random_pass=cpu["random_pass"], shape_keeps_label=cpu["shape_keeps"],
             a_star=cpu["a_star"], curve_areas=tuple(cfg.area_grid), evidence_curve=cpu["curve"],
-            certified_fills=[fills.described(i) for i in range(n)])
+            certified_fills=[fills.described(i, verdict["use"]) for i in range(n)], ranking=logits[:, 0].detach().cpu())
 
     def _verify(self, x, label, mask_logits, fills, pool, need, seed) -> dict:
         """The test of :mod:`.sufficiency` on every candidate, the choice, and the chosen mask's
@@ -185,9 +185,13 @@ class Explainer:
         kept_side = sufficiency.run_side(fwd, x, label, masks, fills, "preservation", cfg.max_batch)
         sufficient, worst_prob = sufficiency.preserved(kept_side, use, need)
         worst_margin = sufficiency.worst_margin(kept_side, use)
-        removed_side = sufficiency.run_side(fwd, x, label, masks, fills, "deletion", cfg.max_batch)
-        flipped, prob_removed = sufficiency.flipped(removed_side, use)
-        meets = {"preservation": sufficient, "deletion": flipped, "dual": sufficient & flipped}[cfg.objective]
+        # the deletion side of every candidate only where the choice needs it; else of the chosen one
+        flipped = prob_removed = None
+        if cfg.objective != "preservation":
+            flipped, prob_removed = sufficiency.flipped(
+                sufficiency.run_side(fwd, x, label, masks, fills, "deletion", cfg.max_batch), use)
+        meets = {"preservation": sufficient, "deletion": flipped,
+                 "dual": None if flipped is None else sufficient & flipped}[cfg.objective]
         if cfg.objective == "dual":   # both where some candidate has both, else sufficiency alone
             meets = torch.where(meets.any(1, keepdim=True), meets, sufficient)
         if not (cfg.minimal_search or cfg.repair):   # the threshold mask only
@@ -196,19 +200,33 @@ class Explainer:
         idx, notes = choose(masks, names, meets, worst_margin, testable, cfg)
         rows = torch.arange(n, device=x.device)
         mask = masks[rows, idx]
+        if flipped is None:
+            flipped, prob_removed = sufficiency.flipped(
+                sufficiency.run_side(fwd, x, label, mask[:, None], fills, "deletion", cfg.max_batch), use)
+            flipped, prob_removed = flipped[:, 0], prob_removed[:, 0]
+        else:
+            flipped, prob_removed = flipped[rows, idx], prob_removed[rows, idx]
         mf = mask[:, None].to(x.dtype)
         ev_logits = batched_logits(fwd, mf * x + (1 - mf) * cfg.baseline, cfg.max_batch)
         ctl = sufficiency.controls(fwd, x, label, mask, fills, need, cfg.n_random, seed, cfg.max_batch, use)
+        chosen_ok = sufficient[rows, idx]
+        if fills.mask_fills:
+            # a mask-dependent fill counts where random blobs of the mask's area fail under it; the
+            # chosen mask must then hold under it too (the candidates were ranked on the others)
+            extra_ok = ctl.random_pass_by_fill[:, len(fills.names):] <= cfg.random_bound
+            use = sufficiency.counted(fills, extra_ok)
+            chosen_ok = sufficiency.preserved(kept_side, use, need)[0][rows, idx]
+            ctl = sufficiency.controls(fwd, x, label, mask, fills, need, cfg.n_random, seed, cfg.max_batch, use)
         kept_robust = torch.full((n,), float("nan"), device=x.device)
         if cfg.audit_counterfactual and pool is not None and pool.verify_index is not None:
             kr = kept_robust_of_masks(fwd, x, label, mask, pool.verify_backgrounds(), cfg.max_batch)
             kept_robust = torch.where(pool.missing.to(x.device), kept_robust, kr)
         return {
-            "mask": mask, "area": mask.flatten(1).float().mean(1), "testable": testable,
-            "sufficient": sufficient[rows, idx], "margin": worst_margin[rows, idx],
+            "mask": mask, "area": mask.flatten(1).float().mean(1), "testable": testable, "use": use,
+            "sufficient": chosen_ok, "margin": sufficiency.worst_margin(kept_side, use)[rows, idx],
             "kept": ev_logits.argmax(1) == label,
             "prob_evidence": ev_logits.softmax(1).gather(1, label[:, None])[:, 0],
-            "flipped": flipped[rows, idx], "prob_removed": prob_removed[rows, idx],
+            "flipped": flipped, "prob_removed": prob_removed,
             "random_pass": ctl.random_pass, "shape_keeps": ctl.shape_keeps, "kept_robust": kept_robust,
             "a_star": sufficiency.extremal_area(cfg.area_grid, sufficient[:, 1:]),
             "curve": worst_prob[:, 1:],

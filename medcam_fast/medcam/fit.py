@@ -133,7 +133,8 @@ def fit_fast(clf, x, label, targets, sampler: BackgroundSampler, cfg: MedCAMConf
     it then leaves the batch. The host syncs only at checks.
     """
     n_all, device = x.shape[0], x.device
-    unet = StackedUNet.from_config(cfg, n_all, x.shape[1], seed, device, x.dtype).requires_grad_()
+    unet = StackedUNet.from_config(cfg, n_all, x.shape[1], seed, device, x.dtype, tuple(x.shape[-2:]))
+    unet.requires_grad_()
     opt = StackedAdam(unet.parameters(), cfg.lr, lr_scale=unet.lr_scales(cfg.offset_lr_scale))
     metrics = layer_metrics(cfg, len(clf.layers))
     final = torch.empty(n_all, 1, *x.shape[2:], device=device, dtype=x.dtype)
@@ -205,7 +206,8 @@ def fit_reference(clf, x, label, cfg: MedCAMConfig, seed: int) -> FitResult:
     metrics = layer_metrics(cfg, len(clf.layers))
     for i in range(x.shape[0]):
         xi, yi = x[i:i + 1], label[i:i + 1]
-        unet = StackedUNet.from_config(cfg, 1, x.shape[1], seed, x.device, x.dtype).requires_grad_()
+        unet = StackedUNet.from_config(cfg, 1, x.shape[1], seed, x.device, x.dtype, tuple(x.shape[-2:]))
+        unet.requires_grad_()
         opt = StackedAdam(unet.parameters(), cfg.lr)
         gen = torch.Generator(device=x.device).manual_seed(int(seed))
         for _ in range(cfg.steps):

@@ -12,7 +12,10 @@ class Explanation:
 
     Attributes:
         mask: bool ``[N,H,W]``, the binary evidence.
-        soft_mask: float ``[N,H,W]`` in [0,1], the U-Net's mask (it ranks pixels).
+        soft_mask: float ``[N,H,W]`` in [0,1], the U-Net's mask (sigmoid of ``ranking``; it
+            saturates, so ties at 1 are common).
+        ranking: float ``[N,H,W]``, the U-Net's mask logits: the order in which pixels are kept
+            (the candidates, a* and the evidence curve are its top-a level sets).
         evidence: float ``[N,C,H,W]`` = mask*x + (1-mask)*baseline.
         label: long ``[N]``, the explained class.
         prob_input, prob_evidence: float ``[N]``, softmax p(label) on x and on the evidence.
@@ -69,6 +72,7 @@ class Explanation:
     curve_areas: tuple[float, ...] = ()
     evidence_curve: torch.Tensor | None = None
     certified_fills: list[str] = field(default_factory=list)
+    ranking: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.label.shape[0])

@@ -129,8 +129,12 @@ class FillSet:
     def none_certified(self) -> torch.Tensor:
         return ~self.certified.any(1)
 
-    def described(self, i: int) -> str:
-        ok = [n for n, c in zip(self.names, self.certified[i].tolist()) if c]
+    def described(self, i: int, use: torch.Tensor | None = None) -> str:
+        """The fills that count for image ``i``: its certified ones, or those of ``use`` ``[N,F]``
+        (:func:`counted`, mask-dependent ones included)."""
+        names = self.names + self.mask_fills
+        flags = (self.certified[i] if use is None else use[i]).tolist()
+        ok = [n for n, c in zip(names, flags) if c]
         return ", ".join(ok) if ok else "none"
 
 

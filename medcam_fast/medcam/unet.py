@@ -20,6 +20,15 @@ def _conv_params(gen, g, cin, cout, k, device, dtype, std=None, bias=0.0):
             torch.full((g, cout), bias, device=device, dtype=dtype))
 
 
+def auto_scale(size) -> int:
+    """``unet_scale`` 0 ("auto"): the smallest of 1, 2, 4 that predicts on a grid of at most 64 px
+    per side (64²: full resolution, 128²: half)."""
+    if size is None:
+        raise ValueError("unet_scale 0 (auto) needs the image size")
+    side = min(size)
+    return next((s for s in (1, 2) if side <= 64 * s), 4)
+
+
 class StackedUNet:
     """G U-Nets with DoubleConv blocks (conv3x3-ReLU twice), MaxPool down, ConvTranspose up and
     skip connections; a 1x1 head gives one channel of mask logits.
@@ -83,9 +92,11 @@ class StackedUNet:
 
     @classmethod
     def from_config(cls, cfg, groups: int, in_chans: int, seed: int = 0, device=None,
-                    dtype=torch.float32) -> "StackedUNet":
-        """The U-Net stack that ``cfg`` (a :class:`MedCAMConfig`) describes."""
-        return cls(groups, in_chans, widths=cfg.unet_widths, scale=cfg.unet_scale, init_bias=cfg.init_bias,
+                    dtype=torch.float32, size: tuple[int, int] | None = None) -> "StackedUNet":
+        """The U-Net stack that ``cfg`` (a :class:`MedCAMConfig`) describes, for images of ``size``
+        (needed when ``cfg.unet_scale`` is 0, "auto")."""
+        scale = cfg.unet_scale or auto_scale(size)
+        return cls(groups, in_chans, widths=cfg.unet_widths, scale=scale, init_bias=cfg.init_bias,
                    logit_bound=cfg.logit_bound, standardise=cfg.standardise, batching=cfg.unet_batching,
                    upsample=cfg.unet_upsample, std_floor=cfg.std_floor, seed=seed, device=device, dtype=dtype)
 

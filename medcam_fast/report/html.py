@@ -28,7 +28,8 @@ tr.bad td { background: #fff1f0; } tr.warn td { background: #fffbe6; }
 figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 0.85em; color: #444; } .small { font-size: 0.8em; color: #555; }
 """
-_NUMERIC = {"label", "prob_input", "prob_evidence", "kept_robust", "area", "prob_null", "seconds"}
+_NUMERIC = {"label", "prob_input", "prob_evidence", "kept_robust", "area", "a_star", "random_pass", "prob_null",
+            "seconds"}
 
 
 def environment() -> dict:
@@ -132,9 +133,14 @@ def write_report(out_dir, rows: list[dict], panels: list, class_names, title: st
         h.append("</tr>")
     h.append("</tbody></table>")
     h.append('<p class="small">p(label | evidence): the classifier on m*x + (1-m)*baseline. kept: its top-1 is '
-             "still the label. kept_robust: the fraction of composites m*x + (1-m)*x' (x' another image whose "
-             "label differs) that keep it; n/a when no such image was available. area: fraction of pixels "
-             "kept. p(label | blank): the classifier on the baseline image alone.</p>")
+             "still the label. certified fills: the fills of the removed pixels (blank, blurred copies of the "
+             "image, its mean) that do not give the label on their own, for this image. sufficient: the label "
+             "kept, by a margin, with the removed pixels taken from every certified fill. a*: the smallest area "
+             "at which the ranking's top pixels are sufficient (the evidence curve in each panel). random_pass: "
+             "the share of random blobs of the mask's area that pass the same test (status ok needs at most "
+             "20%). flipped when removed: the label lost with the mask's pixels filled instead. area: fraction "
+             "of pixels kept. p(label | blank): the classifier on the baseline image alone. kept_robust: an "
+             "audit, pasted onto other images (n/a unless asked for).</p>")
 
     h.append("<h2>Panels</h2>")
     for r, src in zip(rows, rel_panels):

@@ -11,10 +11,12 @@ Panels, left to right:
     usual ``(x-mean)/std`` normalisation and baseline 0: the normalisation mean, a flat grey; with
     mean 0 / std 1: black). ``evidence_caption`` says which;
 (d) the ground-truth lesion outline (and the Med-CAM outline, dashed, for comparison), when known;
-(e) a Grad-CAM heat map over the image, when given.
+(e) a Grad-CAM heat map over the image, when given;
+(f) the evidence curve, when the row has one: p(label) of the ranking's top pixels against area,
+    under the worst certified fill, with a* and the mask's own area marked.
 
-The numbers (class, p(label|x), p(label|evidence), kept, kept_robust, area, status, seconds) go in
-the figure title.
+The numbers (class, p(label|x), p(label|evidence), sufficient, a*, random_pass, flipped when
+removed, area, status, seconds) go in the figure title.
 """
 from __future__ import annotations
 
@@ -93,8 +95,12 @@ def panel_title(row: dict, title: str = "") -> str:
     truth = f" (true: {true})" if true not in (None, "") else ""
     line1 = (f"{head}explained class: {cls} [{row.get('label', '?')}]{truth}   "
              f"p(label|x) = {_fmt(row.get('prob_input'))}   p(label|evidence) = {_fmt(row.get('prob_evidence'))}")
-    line2 = (f"kept: {_fmt(row.get('kept'))}   kept_robust: {_fmt(row.get('kept_robust'), '.2f')}   "
+    a_star = row.get("a_star")
+    line2 = (f"kept: {_fmt(row.get('kept'))}   sufficient: {_fmt(row.get('sufficient'))}   "
              f"area: {_fmt(100 * row['area'] if isinstance(row.get('area'), float) else None, '.1f')}%   "
+             f"a*: {_fmt(100 * a_star if isinstance(a_star, float) else None, '.1f')}%   "
+             f"random_pass: {_fmt(row.get('random_pass'), '.2f')}   "
+             f"flipped when removed: {_fmt(row.get('flipped_when_removed'))}   "
              f"status: {row.get('status', '?')}   {_fmt(row.get('seconds'), '.2f')} s")
     if row.get("null_keeps_label"):
         line2 += f"   [the classifier gives {cls} for a blank image]"
@@ -139,7 +145,10 @@ def panel_png(path, image_unit, row: dict, mask, evidence_unit, gt_mask=None, gr
             raise ValueError(f"gradcam must be [H,W] = {hw}, got shape {cam.shape}")
         cam = np.clip(np.nan_to_num(cam), 0.0, 1.0)
 
-    n = 3 + (gt is not None) + (cam is not None)
+    curve = [v if v is not None else float("nan") for v in row.get("evidence_curve") or []]
+    curve_areas = list(row.get("curve_areas") or [])
+    has_curve = bool(curve) and len(curve) == len(curve_areas) and any(v == v for v in curve)
+    n = 3 + (gt is not None) + (cam is not None) + has_curve
     fig = Figure(figsize=(2.6 * n, 3.35), dpi=dpi)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, n, squeeze=False)[0]
@@ -173,6 +182,23 @@ def panel_png(path, image_unit, row: dict, mask, evidence_unit, gt_mask=None, gr
         axes[k].imshow(cam, cmap="jet", alpha=0.45, **kw)
         _outline(axes[k], m, "white")
         axes[k].set_title("Grad-CAM (mask outline white)", fontsize=8)
+        k += 1
+    if has_curve:
+        ax = axes[k]
+        ax.plot([100 * a for a in curve_areas], curve, marker=".", color="#333")
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1)
+        ax.set_xticks([0.5, 2, 10, 50])
+        ax.set_xticklabels(["0.5", "2", "10", "50"], fontsize=6)
+        ax.set_yticks([0, 0.5, 1])
+        ax.set_yticklabels(["0", "0.5", "1"], fontsize=6)
+        ax.axvline(100 * area, color=MASK_COLOUR, lw=1.2)
+        a_star = row.get("a_star")
+        if isinstance(a_star, float) and a_star == a_star:
+            ax.axvline(100 * a_star, color="#333", ls="--", lw=0.8)
+        ax.set_xlabel("area of the top pixels (%)", fontsize=6)
+        ax.set_title("evidence curve: p(label), worst\ncertified fill (a* dashed, mask cyan)", fontsize=8)
+        ax.set_box_aspect(1)
 
     fig.suptitle(panel_title(row, title), fontsize=8)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.74, wspace=0.05)

@@ -152,6 +152,9 @@ def explain_to_report(loaded, items, failures, out_dir, config, device, seed: in
     print(text_table(rows), file=out)
     for s in dict.fromkeys(blank_image_sentence(r["class_name"]) for r in rows if r["null_keeps_label"]):
         print(f"finding: {s}", file=out)
+    for cls in dict.fromkeys(r["class_name"] for r in rows if r["status"] == "null_keeps_label"):
+        print(f"finding: every fill alone already gives {cls} for some images: preservation cannot show evidence "
+              f"for {cls} there on this classifier (status null_keeps_label)", file=out)
     print(f"wrote {html_path}, {json_path} and {sum(p is not None for p in panels)} panel(s)", file=out)
     for n in notes[given_notes:]:
         print(f"note: {n}", file=err)

@@ -7,16 +7,19 @@ __all__ = ["SUMMARY_COLUMNS", "REPORT_COLUMNS", "blank_image_sentence", "cell", 
 
 # (key in the row dict, header)
 SUMMARY_COLUMNS = [("name", "name"), ("class_name", "class"), ("prob_input", "p(x)"),
-                   ("prob_evidence", "p(evidence)"), ("kept", "kept"), ("kept_robust", "kept_robust"),
-                   ("area", "area"), ("prob_null", "p(blank)"), ("null_keeps_label", "blank_keeps"),
-                   ("status", "status"), ("seconds", "seconds")]
+                   ("prob_evidence", "p(evidence)"), ("sufficient", "sufficient"), ("area", "area"),
+                   ("a_star", "a*"), ("random_pass", "random_pass"), ("flipped_when_removed", "flipped_removed"),
+                   ("prob_null", "p(blank)"), ("null_keeps_label", "blank_keeps"), ("status", "status"),
+                   ("seconds", "seconds")]
 REPORT_COLUMNS = [("name", "name"), ("label", "label"), ("class_name", "class name"),
                   ("prob_input", "p(label | x)"), ("prob_evidence", "p(label | evidence)"), ("kept", "kept"),
-                  ("kept_robust", "kept_robust"), ("area", "area"), ("prob_null", "p(label | blank)"),
-                  ("null_keeps_label", "null_keeps_label"), ("status", "status"), ("seconds", "seconds")]
+                  ("sufficient", "sufficient"), ("area", "area"), ("a_star", "a*"), ("random_pass", "random_pass"),
+                  ("flipped_when_removed", "flipped when removed"), ("certified_fills", "certified fills"),
+                  ("prob_null", "p(label | blank)"), ("null_keeps_label", "null_keeps_label"),
+                  ("kept_robust", "kept_robust (audit)"), ("status", "status"), ("seconds", "seconds")]
 
 _FORMATS = {"prob_input": ".3f", "prob_evidence": ".3f", "prob_null": ".3f", "kept_robust": ".2f",
-            "area": ".3f", "seconds": ".2f"}
+            "area": ".3f", "a_star": ".3f", "random_pass": ".2f", "seconds": ".2f"}
 
 
 def cell(key: str, value) -> str:
