@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medcam_fast import Explainer, MedCAMConfig, metrics, zoo  # noqa: E402
-from medcam_fast.evaluation import load_split  # noqa: E402
+from medcam_fast.evaluation import _load as load_classifier, load_split  # noqa: E402
 from medcam_fast.evaluation.tag_cases import brightest, build_tag_cases  # noqa: E402
 
 VARIATIONS = [
@@ -75,29 +75,13 @@ def explain_all(model, x, cfg, batch: int):
 
 
 def tag_val(root, n: int):
-    model, prep, _ = _load("brain_mri_tag_mobilenetv2", ROOT / "benchmarks" / "models")
-    card = _card("brain_mri_tag_mobilenetv2", ROOT / "benchmarks" / "models")
+    """The shortcut classifier and ``n`` of its val known-evidence cases (images, tag masks)."""
+    model, prep, _, card = load_classifier("brain_mri_tag_mobilenetv2", ROOT / "benchmarks" / "models")
     tag = card["tag"]
     value = brightest(card["model"]["mean"], card["model"]["std"])
     xv, lv, idv, yv = load_split("brain_mri", root, "val", prep, None)
     cases = build_tag_cases(model, xv, yv, lv, idv, card["class_names"].index(tag["class"]), value, 0.0, 11)
     return model, cases.x[:n], cases.tag[:n]
-
-
-def _load(name, weights_dir):
-    saved, zoo.WEIGHTS_DIR = zoo.WEIGHTS_DIR, Path(weights_dir)
-    try:
-        return zoo.load(name)
-    finally:
-        zoo.WEIGHTS_DIR = saved
-
-
-def _card(name, weights_dir):
-    saved, zoo.WEIGHTS_DIR = zoo.WEIGHTS_DIR, Path(weights_dir)
-    try:
-        return zoo.card(name)
-    finally:
-        zoo.WEIGHTS_DIR = saved
 
 
 def main(argv=None) -> int:

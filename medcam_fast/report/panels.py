@@ -196,8 +196,9 @@ def panel_png(path, image_unit, row: dict, mask, evidence_unit, gt_mask=None, gr
         a_star = row.get("a_star")
         if isinstance(a_star, float) and a_star == a_star:
             ax.axvline(100 * a_star, color="#333", ls="--", lw=0.8)
-        ax.set_xlabel("area of the top pixels (%)", fontsize=6)
-        ax.set_title("evidence curve: p(label), worst\ncertified fill (a* dashed, mask cyan)", fontsize=8)
+        ax.tick_params(axis="x", which="minor", labelbottom=False)
+        ax.set_title(f"evidence curve: p(label), worst certified fill\nagainst area {100 * curve_areas[0]:g}-"
+                     f"{100 * curve_areas[-1]:g}% (log; a* dashed, mask cyan)", fontsize=7)
         ax.set_box_aspect(1)
 
     fig.suptitle(panel_title(row, title), fontsize=8)
