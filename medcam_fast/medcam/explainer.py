@@ -172,7 +172,8 @@ class Explainer:
             sufficient=cpu["sufficient"], margin=cpu["margin"], flipped_when_removed=cpu["flipped"],
             prob_removed=cpu["prob_removed"], random_pass=cpu["random_pass"], shape_keeps_label=cpu["shape_keeps"],
             a_star=cpu["a_star"], curve_areas=tuple(cfg.area_grid), evidence_curve=cpu["curve"],
-            certified_fills=[fills.described(i, verdict["use"]) for i in range(n)], ranking=logits[:, 0].detach().cpu())
+            certified_fills=[fills.described(i, verdict["use"]) for i in range(n)],
+            ranking=logits[:, 0].detach().cpu())
 
     def _verify(self, x, label, mask_logits, fills, pool, need, seed) -> dict:
         """The test of :mod:`.sufficiency` on every candidate, the choice, and the chosen mask's
@@ -298,11 +299,13 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, config: MedCAMConfig
         mode: "fast" or "reference".
         device: default the model's device (x is moved there; the model never is).
         seed: seeds the U-Nets and the backgrounds: the same seed gives the same mask.
-        reference: optional ``[P,C,H,W]`` images for counterfactual backgrounds.
+        reference: optional ``[P,C,H,W]`` images for the counterfactual audit (``audit_counterfactual``)
+            or ``background="counterfactual"``; never needed by the default test.
         forward: optional callable for the gradient-free passes (e.g. an OrtClassifier).
 
     Returns:
-        :class:`Explanation` with ``mask`` ``[N,H,W]`` bool, ``kept`` ``[N]``, ``kept_robust``,
+        :class:`Explanation` with ``mask`` ``[N,H,W]`` bool, ``sufficient`` ``[N]`` (the test of
+        :mod:`medcam_fast.medcam.sufficiency`), ``random_pass``, ``a_star``, ``evidence_curve``,
         ``status`` and the rest (see its docstring).
     """
     return Explainer(model, config, mode=mode, device=device, forward=forward, reference=reference)(
