@@ -214,7 +214,7 @@ def preserved(res: SideResult, use: torch.Tensor, need) -> tuple[torch.Tensor, t
     need = torch.as_tensor(need, dtype=res.margin.dtype, device=res.margin.device)
     need = need.view(-1, 1) if need.dim() else need
     u = use[:, None].expand_as(res.margin)
-    worst = torch.where(u, res.margin, torch.full_like(res.margin, float("inf"))).amin(-1)
+    worst = worst_margin(res, use)                                        # NaN where none counts
     prob = torch.where(u, res.prob, torch.full_like(res.prob, float("inf"))).amin(-1)
     none = ~use.any(1)[:, None].expand_as(worst)
     return (worst >= need) & ~none, torch.where(none, torch.full_like(prob, float("nan")), prob)
