@@ -8,7 +8,7 @@ OUT    ?= demo_out
 BENCH_JSON := benchmarks/results/json
 DATA   ?= ../shared/data
 
-.PHONY: all venv build test test-suite test-isa demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx probe evaluate-tag tune-sufficiency clean
+.PHONY: all venv build test test-suite test-isa demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx bench-speed probe evaluate-tag tune-sufficiency tune-steps clean
 
 all: test
 
@@ -81,7 +81,11 @@ bench-throughput: build
 bench-onnx: build
 	$(call bench,onnx,ONNX Runtime against torch on CPU,--bench-devices=cpu)
 
-bench: bench-ops bench-unet bench-explain bench-throughput bench-onnx
+# the fit step's modes (--bench-full adds the compiled rows and ResNet-18 on CPU) and the service
+bench-speed: build
+	$(call bench,speed,Fit-step modes and the service on CPU,--bench-devices=cpu)
+
+bench: bench-ops bench-unet bench-explain bench-throughput bench-onnx bench-speed
 
 # Known evidence (brain_mri in DATA): the evidence probe of the demo classifier, then every method on
 # the shortcut classifier's tag cases (benchmarks/models/brain_mri_tag_mobilenetv2, about an hour here).
@@ -98,6 +102,10 @@ evaluate-tag: build
 tune-sufficiency: build
 	$(BIN)/python benchmarks/tune_sufficiency.py --data $(DATA)/brain_mri --n-tag 20 --n-demo 6 \
 	  --out benchmarks/results/tuning_sufficiency_val
+
+# the step budget and the early-stopping rule, on the same val sets, batches of 8
+tune-steps: build
+	$(BIN)/python benchmarks/tune_steps.py --data $(DATA)/brain_mri --out benchmarks/results/tuning_steps_val
 
 clean:
 	rm -rf build medcam_fast/_C*.so medcam_fast/_build_info.json .pytest_cache

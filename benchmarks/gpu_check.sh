@@ -3,7 +3,7 @@
 # CUDA tests of the whole pipeline (kernels, explain end to end, the ONNX IO-binding path, the arch
 # check), then the GPU benchmarks, and write logs and tables under $OUT. Exits non-zero when any
 # build, test or benchmark step fails (each failure is named in $OUT/gpu_check.log).
-# Budget: under 8 minutes on an H100/H200. Uses the machine's own Python (no package registry there).
+# Budget: under 8 minutes on an H100/H200 (bench_speed is the long step: cut -k there first). Uses the machine's own Python (no package registry there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -47,7 +47,8 @@ cp "$OUT/build_info.log" "$OUT/build_info.json"
 # the ONNX IO-binding path (CUDA and the CPU spy)
 MEDCAM_FAST_REQUIRE_OPS=1 MEDCAM_FAST_REQUIRE_CUDA_OPS=1 step tests_cuda 240 \
   $PY -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_build.py tests/test_cuda_pipeline.py \
-  tests/test_onnx.py -k "cuda or build or arch or io_binding or providers or clone or autocast or pipeline"
+  tests/test_onnx.py tests/test_fit_step.py \
+  -k "cuda or build or arch or io_binding or providers or clone or autocast or pipeline or sync or graph_break"
 
 step bench_ops 200 $PY -m pytest -q benchmarks/bm_ops.py --bench-devices=cuda -p no:cacheprovider \
   -k "8-224 or 1-64 or 32-512" --benchmark-json="$OUT/json/ops_cuda.json" && table ops "Fused ops on CUDA"
@@ -55,7 +56,12 @@ step bench_unet 60 $PY -m pytest -q benchmarks/bm_unet.py --bench-devices=cuda -
   --benchmark-json="$OUT/json/unet_cuda.json" && table unet "Stacked U-Net batching on CUDA"
 step bench_throughput 200 $PY -m pytest -q benchmarks/bm_throughput.py --bench-devices=cuda -p no:cacheprovider \
   -k "demo or resnet18" --benchmark-json="$OUT/json/throughput_cuda.json" && table throughput "Throughput on CUDA"
-step profile 60 $PY benchmarks/profile_explain.py --device cuda --model resnet18 --size 224 \
+# the fit step's modes: eager / compiled / CUDA graphs x fp32 / bf16 x N = 1, 8, 32, ResNet-18 224² and the demo
+# classifier (each compile ~20-40 s), then 16 concurrent clients through the service against one call at a time
+step bench_speed 330 $PY -m pytest -q benchmarks/bm_speed.py --bench-devices=cuda --bench-full -p no:cacheprovider \
+  -k "(fit_step and (resnet18 or eager)) or service" --benchmark-json="$OUT/json/speed_cuda.json" \
+  && table speed "Fit-step modes and the service on CUDA"
+step profile 60 $PY benchmarks/profile_explain.py --device cuda --model resnet18 --size 224 --steps 10 \
   --out "$OUT/profile_cuda.md" && head -40 "$OUT/profile_cuda.md"
 
 if [ ${#failed[@]} -gt 0 ]; then

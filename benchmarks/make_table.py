@@ -2,7 +2,7 @@
 
     python benchmarks/make_table.py ops results/ops_cpu.json [--device cpu] > results/ops_cpu.md
     python benchmarks/make_table.py onnx results/onnx_cpu.json [--device cpu] > results/onnx_cpu.md
-    (kinds: ops, unet, onnx, explain, throughput)
+    (kinds: ops, unet, onnx, explain, throughput, speed)
 """
 import argparse
 import json
@@ -118,11 +118,46 @@ def unet_table(data: dict, device: str | None) -> str:
     return "\n".join(out)
 
 
-TABLES = {"ops": ops_table, "unet": unet_table, "onnx": onnx_table, "explain": explain_table, "throughput": throughput_table}
+def speed_table(data: dict, device: str | None) -> str:
+    steps = defaultdict(dict)
+    service = {}
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        if device and e.get("device") != device:
+            continue
+        if e.get("kind") == "fit_step":
+            steps[(e["model"], e["device"], e["size"], e["n"], e["precision"])][e["mode"]] = e
+        elif e.get("kind") == "service":
+            service[(e["device"], e["mode"])] = e
+    out = ["| model | device | H=W | N | precision | eager ms/step | compiled ms/step | CUDA graphs ms/step "
+           "| ms per image-step (best) | first call s (compiled) |", "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    fmt = lambda e: f"{e['ms_per_step']:.1f}" if e else "-"  # noqa: E731
+    for (model, dev, size, n, prec), r in sorted(steps.items()):
+        best = min(r.values(), key=lambda e: e["ms_per_step"])
+        first = r.get("compiled") or r.get("cudagraphs")
+        out.append(f"| {model} | {dev} | {size} | {n} | {prec} | {fmt(r.get('eager'))} | {fmt(r.get('compiled'))} | "
+                   f"{fmt(r.get('cudagraphs'))} | {best['ms_per_image_step']:.1f} ({best['mode']}) | "
+                   f"{first['first_call_s']:.1f} |" if first else
+                   f"| {model} | {dev} | {size} | {n} | {prec} | {fmt(r.get('eager'))} | - | - | "
+                   f"{best['ms_per_image_step']:.1f} ({best['mode']}) | - |")
+    if service:
+        out += ["", "| device | 16 single-image clients | explanations / s | vs one call at a time | batches | "
+                "status ok | mean area |", "|---|---|---:|---:|---|---:|---:|"]
+        for (dev, mode), e in sorted(service.items()):
+            base = service.get((dev, "one_call_at_a_time"))
+            ratio = f"{e['per_second'] / base['per_second']:.2f}x" if base else "-"
+            out.append(f"| {dev} | {mode} | {e['per_second']:.3f} | {ratio} | {e.get('batches') or '-'} | "
+                       f"{e['status_ok']}/{e['n']} | {e['mean_area']:.1%} |")
+    return "\n".join(out)
+
+
+TABLES = {"speed": speed_table, "ops": ops_table, "unet": unet_table, "onnx": onnx_table, "explain": explain_table, "throughput": throughput_table}
 WHAT = {"unet": "Median time of one step of N stacked U-Nets (forward + backward), by how they are batched.",
         "onnx": "Median time per call, frozen forward (no grad).",
         "explain": "One explanation at a time (wall time per image, one run).",
-        "throughput": "Explanations per second (one run each; model families: random init, fixed 10 steps)."}
+        "throughput": "Explanations per second (one run each; model families: random init, fixed 10 steps).",
+        "speed": "Fit-step modes (median of 3 calls of 10 steps, after a warm-up call that compiles) and the "
+                 "micro-batching service (one run)."}
 
 
 def main(argv=None) -> int:

@@ -61,6 +61,7 @@ def score(res, gt, seconds) -> dict:
         "random_pass": _mean(res.random_pass.tolist()), "sufficient": float(res.sufficient.float().mean()),
         "flipped": float(res.flipped_when_removed.float().mean()),
         "status": {s: res.status.count(s) for s in sorted(set(res.status))}, "seconds_per_image": seconds / len(res),
+        "steps": float(res.steps.float().mean()),
     }
 
 
@@ -68,7 +69,7 @@ def explain_all(model, x, cfg, batch: int):
     expl = Explainer(model, cfg)
     parts = [expl(x[i:i + batch], seed=0) for i in range(0, x.shape[0], batch)]
     cat = {}
-    for k in ("mask", "ranking", "area", "a_star", "random_pass", "sufficient", "flipped_when_removed"):
+    for k in ("mask", "ranking", "area", "a_star", "random_pass", "sufficient", "flipped_when_removed", "steps"):
         cat[k] = torch.cat([getattr(p, k) for p in parts])
     cat["status"] = sum((p.status for p in parts), [])
     return type("Res", (), {**cat, "__len__": lambda self: x.shape[0]})()

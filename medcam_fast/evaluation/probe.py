@@ -41,7 +41,7 @@ def probe(forward, x: torch.Tensor, label: torch.Tensor, rankings: dict[str, tor
     equal for an image (an empty lesion) are NaN-free but meaningless: callers drop them
     (``valid`` ``[N]`` per ranking).
     """
-    blurred = torch.stack([blur(xi, None) for xi in x])
+    blurred = blur(x, None)
     blank = torch.full_like(x, baseline)
     null = batched_logits(forward, blank[:1], 1).argmax(1).item() == label
 

@@ -41,7 +41,7 @@ def _synthetic(xi: torch.Tensor, seed: int, draws: int = 2) -> torch.Tensor:
     out = []
     for kind in ("gaussian", "uniform", "blur", "shuffle"):
         for _ in range(draws if kind != "blur" else 1):
-            out.append(_KINDS[kind](xi, gen))
+            out.append(_KINDS[kind](xi[None], gen)[0])
     for v in (-1.0, 1.0):
         out.append(constant_like(xi, v))
     return torch.stack(out)

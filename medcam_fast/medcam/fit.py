@@ -11,6 +11,7 @@ from .. import ops
 from . import losses
 from .backgrounds import BackgroundSampler
 from .config import MedCAMConfig
+from .step import FitStep, resolve_compile, resolve_finished
 from .unet import StackedAdam, StackedUNet
 
 
@@ -34,22 +35,17 @@ def layer_metrics(cfg: MedCAMConfig, n_layers: int) -> list[str]:
     return [cfg.am_metric] * n_layers
 
 
-def straight_through(mask_logits: torch.Tensor, cfg: MedCAMConfig, progress: float = 1.0,
-                     noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def straight_through(mask_logits: torch.Tensor, cfg: MedCAMConfig,
+                     threshold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(soft, m): the mask the classifier sees at this point of the fit.
 
-    m's forward value is binary: soft > threshold ("threshold"), or soft > a random threshold
-    drawn per pixel from ``noise`` in [0,1], narrowing to the fixed threshold as ``progress``
-    goes 0 -> ``cfg.anneal`` ("stochastic"). Its gradient is the soft mask's (``st_slope=0``, as the
-    authors) or a constant d m / d logit = ``st_slope``, which stays alive where the sigmoid
-    saturates.
+    m's forward value is binary: soft > ``threshold``, a per-pixel field ``[1,1,H,W]`` of this step
+    (the stochastic schedule, :meth:`BackgroundSampler.thresholds`), or ``cfg.threshold`` when
+    None. Its gradient is the soft mask's (``st_slope=0``, as the authors) or a constant
+    d m / d logit = ``st_slope``, which stays alive where the sigmoid saturates.
     """
     soft = torch.sigmoid(mask_logits / cfg.mask_temperature)
-    threshold = cfg.threshold
-    if cfg.binarize == "stochastic" and progress < cfg.anneal and noise is not None:
-        width = 1 - progress / cfg.anneal
-        threshold = cfg.threshold + width * (noise - cfg.threshold)
-    hard = (soft > threshold).to(soft.dtype)
+    hard = (soft > (cfg.threshold if threshold is None else threshold)).to(soft.dtype)
     # (g - g.detach()) is exactly 0 in the forward pass, so m is exactly 0/1 there;
     # hard + g - g.detach() would round to 1 ulp off 0/1
     g = mask_logits * (cfg.st_slope / cfg.mask_temperature) if cfg.st_slope > 0 else soft
@@ -74,8 +70,10 @@ def fast_loss(clf, x, label, m, mask_logits, backgrounds, targets, cfg: MedCAMCo
 
     e = m*x + (1-m)*baseline carries the keep terms (AM, KL, CE); e~ = m*x + (1-m)*r the
     robustness term; d = (1-m)*x + m*r the deletion term (``cfg.objective`` "deletion" or "dual").
+    ``targets`` = (logits ``[N,K]``, features, their channel RMS, the input's label CE ``[N]``):
+    per-image constants, computed once (:func:`fit_targets`).
     """
-    target_logits, target_feats, target_scales = targets
+    target_logits, target_feats, target_scales, target_ce = targets
     n = x.shape[0]
     preserve = cfg.objective in ("preservation", "dual")
     delete = cfg.objective in ("deletion", "dual")
@@ -93,7 +91,7 @@ def fast_loss(clf, x, label, m, mask_logits, backgrounds, targets, cfg: MedCAMCo
     if cfg.ce_mode == "hinge":
         # e: as confident as x (up to p = keep_prob); e~: p(label) >= keep_prob under the fills
         floor = -math.log(cfg.keep_prob)
-        ce_e = losses.label_ce_hinge(out_e, label, losses.label_ce(target_logits, label).clamp(max=floor))
+        ce_e = losses.label_ce_hinge(out_e, label, target_ce.clamp(max=floor))
         ce_r = losses.label_ce_hinge(out_r, label_r, floor)
     else:
         ce_e = losses.label_ce(out_e, label, cfg.ce_temperature)
@@ -122,69 +120,94 @@ def fast_loss(clf, x, label, m, mask_logits, backgrounds, targets, cfg: MedCAMCo
     return loss, out_e.detach(), held
 
 
-def fit_fast(clf, x, label, targets, sampler: BackgroundSampler, cfg: MedCAMConfig, seed: int) -> FitResult:
+def fit_targets(logits_x, feats_x, label) -> tuple:
+    """The per-image constants of the loss: (logits ``[N,K]``, features, their channel RMS
+    ``[N,C,1,1]``, the label's CE on x ``[N]``), detached."""
+    logits_x = logits_x.detach()
+    feats = [f.detach() for f in feats_x]
+    return (logits_x, feats, [losses.channel_rms(f) for f in feats], losses.label_ce(logits_x, label))
+
+
+def _select_targets(targets, keep):
+    tl, tf, ts, tc = targets
+    return tl[keep], [f[keep] for f in tf], [s[keep] for s in ts], tc[keep]
+
+
+def fit_fast(clf, x, label, targets, sampler: BackgroundSampler, cfg: MedCAMConfig, seed: int,
+             step_clf=None) -> FitResult:
     """Fits one light U-Net per image, all at once; each image stops on its own.
 
     An image stops when, at ``patience`` checks in a row (one every ``check_every`` steps), its
     objective held at every step of the window (the binary evidence and its composites kept the
     label; with deletion, the label lost without the mask) and its
     loss summed over the window changed by less than ``plateau`` (relative) from the window before
-    (windows have ``check_every`` steps each, so this is the relative change of the mean too);
-    it then leaves the batch. The host syncs only at checks.
+    (windows have ``check_every`` steps each, so this is the relative change of the mean too).
+    A finished image leaves the batch ("drop") or is masked out of the update ("mask", static
+    shapes; ``cfg.finished``). The host syncs only at checks. ``targets``: :func:`fit_targets`;
+    ``step_clf``: the classifier view of the gradient pass (default ``clf``; a traceable one when
+    compiled).
     """
     n_all, device = x.shape[0], x.device
     unet = StackedUNet.from_config(cfg, n_all, x.shape[1], seed, device, x.dtype, tuple(x.shape[-2:]))
     unet.requires_grad_()
     opt = StackedAdam(unet.parameters(), cfg.lr, lr_scale=unet.lr_scales(cfg.offset_lr_scale))
-    metrics = layer_metrics(cfg, len(clf.layers))
+    compiled = resolve_compile(cfg, device)
+    finished = resolve_finished(cfg, compiled)
+    step_fn = FitStep(step_clf if step_clf is not None else clf, unet, cfg, fast_loss,
+                      layer_metrics(cfg, len(clf.layers)), compiled)
+    thresholds = (sampler.thresholds(cfg.steps, cfg.threshold, cfg.anneal, x[:, :1])
+                  if cfg.binarize == "stochastic" else None)
     final = torch.empty(n_all, 1, *x.shape[2:], device=device, dtype=x.dtype)
     steps = torch.full((n_all,), cfg.steps, dtype=torch.long)
-    active = torch.arange(n_all)
+    ids = torch.arange(n_all)                     # image of each row of the batch
+    live = torch.ones(n_all, dtype=torch.bool)    # rows still fitting ("mask" keeps finished rows)
+    active = None                                 # the same on the device, once a row finished
     streak = torch.zeros(n_all, dtype=torch.long)
     prev_loss = torch.full((n_all,), float("inf"))
     kept_acc = torch.ones(n_all, dtype=torch.bool, device=device)
     window_loss = torch.zeros(n_all, device=device)
     xa, ya, ta = x, label, targets
+    settle = max(cfg.min_steps, cfg.anneal * cfg.steps if cfg.binarize != "threshold" else 0)
     for step in range(1, cfg.steps + 1):
-        mask_logits = unet(xa)
-        noise = sampler.uniform_like(mask_logits) if cfg.binarize == "stochastic" else None
-        _, m = straight_through(mask_logits, cfg, (step - 1) / cfg.steps, noise)
-        backgrounds = [sampler.draw() for _ in range(cfg.rob_draws)]
-        loss, _, held = fast_loss(clf, xa, ya, m, mask_logits, backgrounds, ta, cfg, metrics)
-        loss.sum().backward()
-        opt.step()
+        r = cfg.rob_draws
+        backgrounds = torch.stack([sampler.draw((step - 1) * r + j) for j in range(r)])
+        loss, held, mask_logits = step_fn(unet, opt, xa, ya, ta, None if thresholds is None else thresholds[step - 1],
+                                          backgrounds, active)
         kept_acc &= held
-        window_loss += loss.detach()
+        window_loss += loss
         last = step == cfg.steps
         if step % cfg.check_every and not last:
             continue
         # --- check (the one host sync of every check_every steps)
-        ids = active
-        kept_now = kept_acc.cpu()
-        cur = window_loss.cpu()
-        flat = (cur - prev_loss[ids]).abs() <= cfg.plateau * cur.abs().clamp(min=1e-8)
-        streak[ids] = torch.where(kept_now, streak[ids] + 1, torch.zeros_like(streak[ids]))
-        prev_loss[ids] = cur
+        rows = live.nonzero().flatten()
+        img = ids[rows]
+        kept_now = kept_acc.cpu()[rows]
+        cur = window_loss.cpu()[rows]
+        flat = (cur - prev_loss[img]).abs() <= cfg.plateau * cur.abs().clamp(min=1e-8)
+        streak[img] = torch.where(kept_now, streak[img] + 1, torch.zeros_like(streak[img]))
+        prev_loss[img] = cur
         # never before the mask is binarised at the fixed threshold (the stochastic phase)
-        settled = step >= max(cfg.min_steps, cfg.anneal * cfg.steps if cfg.binarize != "threshold" else 0)
-        done = (streak[ids] >= cfg.patience) & flat & settled
+        done = (streak[img] >= cfg.patience) & flat & (step >= settle)
         if last:
             done[:] = True
         if done.any():
-            final[ids[done]] = mask_logits.detach()[done]
-            steps[ids[done]] = step
-            keep = (~done).nonzero().flatten()
-            if keep.numel() == 0:
+            final[img[done]] = mask_logits[rows[done].to(device)]
+            steps[img[done]] = step
+            if bool(done.all()):
                 break
-            active = ids[keep]
-            unet = unet.select(keep.to(device))
-            opt = opt.select(unet.parameters(), keep.to(device))
-            sampler = sampler.select(keep)
-            xa, ya = xa[keep.to(device)], ya[keep.to(device)]
-            kd = keep.to(device)
-            ta = (ta[0][kd], [f[kd] for f in ta[1]], [s[kd] for s in ta[2]])
-        kept_acc = torch.ones(active.numel(), dtype=torch.bool, device=device)
-        window_loss = torch.zeros(active.numel(), device=device)
+            if finished == "mask":
+                live[rows[done]] = False
+                active = live.to(device)
+            else:
+                keep = rows[~done]
+                kd = keep.to(device)
+                ids, live = ids[keep], live[keep]
+                unet = unet.select(kd)
+                opt = opt.select(unet.parameters(), kd)
+                sampler = sampler.select(kd)
+                xa, ya, ta = xa[kd], ya[kd], _select_targets(ta, kd)
+        kept_acc = torch.ones(live.numel(), dtype=torch.bool, device=device)
+        window_loss = torch.zeros(live.numel(), device=device)
     return FitResult(final, steps)
 
 

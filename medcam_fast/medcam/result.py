@@ -1,7 +1,7 @@
 """The Explanation returned by :func:`medcam_fast.explain`: always batched with a leading N."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -76,6 +76,22 @@ class Explanation:
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
+
+    def select(self, index) -> "Explanation":
+        """The Explanation of images ``index`` (an int, a slice or a list of ints): every ``[N,...]``
+        tensor and per-image list sliced on N, the rest (``seconds``, ``curve_areas``, ...) kept."""
+        rows = [index] if isinstance(index, int) else list(range(len(self)))[index] if isinstance(index, slice) \
+            else [int(i) for i in index]
+        n, out = len(self), {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n:
+                out[f.name] = v[rows]
+            elif isinstance(v, list) and len(v) == n:
+                out[f.name] = [v[i] for i in rows]
+            else:
+                out[f.name] = v
+        return Explanation(**out)
 
     def rows(self, class_names=None) -> list[dict]:
         """One plain dict per image (for tables, JSON and reports)."""

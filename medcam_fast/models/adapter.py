@@ -137,14 +137,31 @@ class FrozenClassifier:
         return p.device if p is not None else torch.device("cpu")
 
     @contextmanager
-    def session(self, example: torch.Tensor | None = None):
-        """Freezes the model and registers the hooks for the block; restores both on exit."""
+    def session(self, example: torch.Tensor | None = None, channels_last: bool = False):
+        """Freezes the model and registers the hooks for the block; restores both on exit
+        (``channels_last``: see :func:`~medcam_fast.models.freeze.frozen`)."""
         if self.layers is None:
             if example is None:
                 raise ValueError("FrozenClassifier.session needs an example input to choose its layers")
             self.prepare(example)
-        with frozen(self.model), self.capture:
+        with frozen(self.model, channels_last), self.capture:
             yield self
+
+    def traced(self, channels_last: bool = False) -> "TracedClassifier":
+        """The same classifier as one FX graph that returns the logits and the chosen layers'
+        outputs, with no hooks and no thread-local state (what ``torch.compile(fullgraph=True)``
+        can trace), BatchNorms folded into their convolutions. Traced once; it shares the model's
+        other modules and parameters, and the folded weights are recomputed from the model's on
+        every call (call it inside :meth:`session`). ValueError where FX cannot trace the model."""
+        with self._lock:
+            if getattr(self, "_traced", None) is None:
+                self._traced = TracedClassifier(self)
+            return self._traced.refresh(channels_last)
+
+    @property
+    def traced_graph(self) -> "TracedClassifier":
+        """The traced view built by :meth:`traced` (no refresh)."""
+        return self._traced
 
     def forward(self, x: torch.Tensor, with_activations: bool = False):
         """Logits ``[B,K]`` (and ``{layer: [B,C,h,w]}`` when asked). Call inside :meth:`session`."""
@@ -153,3 +170,112 @@ class FrozenClassifier:
         with self.capture.recording() as store:
             logits = self.model(x)
         return logits, [store[n] for n in self.layers]
+
+
+def fold_batchnorm(gm: torch.fx.GraphModule) -> list[tuple]:
+    """Folds every BatchNorm that follows a plain Conv2d into that convolution, in the graph
+    module ``gm`` (a BatchNorm with an activation, timm's ``BatchNormAct2d``, keeps its
+    activation). The folded convolutions are new modules of ``gm`` only: the model the graph was
+    traced from keeps its own. Returns ``(conv, bn, folded conv)`` triples for
+    :func:`refresh_folds`.
+
+    A frozen classifier's BatchNorm (eval mode) is an affine map; folded, the gradient pass skips
+    its forward and backward."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    modules = dict(gm.named_modules())
+    folds = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not node.args:
+            continue
+        bn, src = modules[node.target], node.args[0]
+        if type(bn) not in _FOLDABLE_NORMS or bn.training or not bn.track_running_stats \
+                or getattr(src, "op", None) != "call_module" or len(src.users) != 1:
+            continue
+        conv = modules[src.target]
+        if type(conv) is not nn.Conv2d:
+            continue
+        fused = fuse_conv_bn_eval(conv, bn).requires_grad_(False)   # a copy of conv, BN folded in
+        gm.add_submodule(src.target, fused)
+        if type(bn) is nn.BatchNorm2d:
+            node.replace_all_uses_with(src)
+            gm.graph.erase_node(node)
+        else:   # BatchNormAct2d: what is left is drop(act(.)); identities in eval mode but the act
+            name = f"{node.target}.after_fold"
+            gm.add_submodule(name, nn.Sequential(bn.drop, bn.act))
+            node.target = name
+        folds.append((conv, bn, fused))
+    gm.graph.lint()
+    gm.recompile()
+    return folds
+
+
+@torch.no_grad()
+def refresh_folds(folds, channels_last: bool = False) -> None:
+    """Recomputes the folded weights from the model's current ones (they may have been trained
+    since), in place, so the graph's modules stay the same objects (a compiled step is reused)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for conv, bn, fused in folds:
+        w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
+                                    bn.bias)
+        if fused.weight.shape != w.shape or not fused.weight.is_contiguous(memory_format=fmt):
+            fused.weight = nn.Parameter(torch.empty_like(w, memory_format=fmt), requires_grad=False)
+        fused.weight.copy_(w)
+        fused.bias.copy_(b)
+
+
+def _foldable_norms() -> tuple:
+    kinds = [nn.BatchNorm2d]
+    try:
+        from timm.layers import BatchNormAct2d
+        kinds.append(BatchNormAct2d)
+    except ImportError:  # pragma: no cover - timm is a dependency
+        pass
+    return tuple(kinds)
+
+
+_FOLDABLE_NORMS = _foldable_norms()
+
+
+class TracedClassifier:
+    """:meth:`FrozenClassifier.traced`: ``forward(x, with_activations)`` as the hooked one, from an
+    FX feature extractor (timm's, which knows timm's untraceable layers, else torchvision's), with
+    eval-mode BatchNorms folded into their convolutions (``fold``)."""
+
+    def __init__(self, clf: FrozenClassifier, fold: bool = True):
+        try:
+            from timm.models import create_feature_extractor   # timm's leaf modules registered
+        except ImportError:   # pragma: no cover - timm is a dependency
+            from torchvision.models.feature_extraction import create_feature_extractor
+        from torchvision.models.feature_extraction import get_graph_node_names
+
+        model = clf.model
+        self.layers, self.weights, self._to_map = clf.layers, clf.weights, clf.capture._to_map
+        was = model.training
+        model.eval()
+        try:
+            nodes = get_graph_node_names(model)[1]
+            self._out = nodes[-1]
+            self.graph = create_feature_extractor(model, return_nodes=[*self.layers, self._out])
+        except Exception as exc:  # FX raises many kinds (TraceError, TypeError, ...)
+            raise ValueError(f"compile=True needs a model that torch.fx can trace: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        finally:
+            model.train(was)
+        self.graph.eval()
+        self.folds = fold_batchnorm(self.graph) if fold else []
+
+    def refresh(self, channels_last: bool = False) -> "TracedClassifier":
+        """Brings the folded weights up to the model's current ones (call once per session)."""
+        refresh_folds(self.folds, channels_last)
+        return self
+
+    def forward(self, x: torch.Tensor, with_activations: bool = False):
+        """Logits ``[B,K]`` (and the layers' activations ``[B,C,h,w]``, as the hooks give them)."""
+        out = self.graph(x)
+        logits = out[self._out]
+        if not with_activations:
+            return logits
+        return logits, [self._to_map(_as_map(out[n])) for n in self.layers]
