@@ -4,5 +4,6 @@ from . import sufficiency
 from .config import MedCAMConfig, plain_config, reference_config
 from .explainer import Explainer, explain
 from .result import Explanation
+from .service import ExplainerService
 
-__all__ = ["sufficiency", "Explainer", "Explanation", "MedCAMConfig", "explain", "plain_config", "reference_config"]
+__all__ = ["sufficiency", "Explainer", "ExplainerService", "Explanation", "MedCAMConfig", "explain", "plain_config", "reference_config"]
