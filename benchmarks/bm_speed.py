@@ -10,7 +10,7 @@
    ``--bench-full`` only (each compile costs about a minute on 2 cores).
 2. ``test_service``: 16 concurrent single-image clients (threads) through an ExplainerService
    against the same 16 requests served one call at a time, the demo classifier on its bundled
-   samples (twice over), default config (early stopping on).
+   samples (twice over), default config (early stopping on); batches of at most 8 or 16.
 """
 import threading
 import time
@@ -118,7 +118,7 @@ def _serve_concurrently(service, images) -> list:
     return out
 
 
-@pytest.mark.parametrize("mode", ["one_call_at_a_time", "service"])
+@pytest.mark.parametrize("mode", ["one_call_at_a_time", "service_8", "service_16"])
 def test_service(benchmark, bench_device, mode):
     model, x = _demo(bench_device)
     images = list(x[:16])   # 16 requests: the 8 samples twice
@@ -128,8 +128,8 @@ def test_service(benchmark, bench_device, mode):
 
     def run():
         t0 = time.perf_counter()
-        if mode == "service":
-            with ExplainerService(explainer, max_batch=16, window=0.1) as service:
+        if mode.startswith("service"):
+            with ExplainerService(explainer, max_batch=int(mode.split("_")[1]), window=0.1) as service:
                 res = _serve_concurrently(service, images)
             stats["batches"] = [len(b.ids) for b in service.batches]
         else:
