@@ -19,9 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from medcam_fast import MedCAMConfig, zoo  # noqa: E402
-from medcam_fast.evaluation import load_split  # noqa: E402
-from tune_sufficiency import explain_all, score, tag_val  # noqa: E402
+from medcam_fast import MedCAMConfig  # noqa: E402
+from tune_sufficiency import explain_all, saved_results, score, val_sets  # noqa: E402
 
 VARIATIONS = [
     ("base", {}),
@@ -49,14 +48,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results/tuning_steps_val")
     args = ap.parse_args(argv)
-    sets = {"tag": tag_val(args.data, args.n_tag)}
-    demo, prep, _ = zoo.load_demo()
-    x, gt, _, _ = load_split("brain_mri", args.data, "val", prep, args.n_demo, seed=5)
-    sets["demo"] = (demo, x, gt)
+    sets = val_sets(args.data, args.n_tag, args.n_demo)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    path = out.with_suffix(".json")
-    results = json.loads(path.read_text()) if path.exists() else {}
+    path, results = saved_results(out)
     for name, change in VARIATIONS:
         for set_name, (model, xs, gts) in sets.items():
             key = f"{name} | {set_name}"

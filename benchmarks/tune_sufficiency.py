@@ -85,6 +85,22 @@ def tag_val(root, n: int):
     return model, cases.x[:n], cases.tag[:n]
 
 
+def val_sets(data, n_tag: int, n_demo: int) -> dict:
+    """``{"tag": (model, x, gt), "demo": (model, x, gt)}``: the two val sets."""
+    sets = {"tag": tag_val(data, n_tag)}
+    demo, prep, _ = zoo.load_demo()
+    x, gt, _, _ = load_split("brain_mri", data, "val", prep, n_demo, seed=5)
+    sets["demo"] = (demo, x, gt)
+    return sets
+
+
+def saved_results(out: Path) -> tuple[Path, dict]:
+    """The JSON beside ``out`` and what it already holds (a rerun resumes)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.with_suffix(".json")
+    return path, (json.loads(path.read_text()) if path.exists() else {})
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="the brain_mri folder")
@@ -94,14 +110,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="comma list of variation names")
     ap.add_argument("--out", default="benchmarks/results/tuning_sufficiency_val")
     args = ap.parse_args(argv)
-    sets = {"tag": tag_val(args.data, args.n_tag)}
-    demo, prep, _ = zoo.load_demo()
-    x, gt, _, _ = load_split("brain_mri", args.data, "val", prep, args.n_demo, seed=5)
-    sets["demo"] = (demo, x, gt)
+    sets = val_sets(args.data, args.n_tag, args.n_demo)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    path = out.with_suffix(".json")
-    results = json.loads(path.read_text()) if path.exists() else {}
+    path, results = saved_results(out)
     only = set(args.only.split(",")) if args.only else None
     for name, change in VARIATIONS:
         if only and name not in only:
