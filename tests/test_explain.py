@@ -174,6 +174,19 @@ def test_model_unchanged_and_hooks_released():
     assert _hooks(model) == 0
 
 
+def test_batchnorm_buffers_unchanged():
+    # the traced classifier traces in train mode too, which bumped num_batches_tracked once (the
+    # amortised explainer's fingerprint caught it): every buffer must come back as it was
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, _, _ = make_planted(2, seed=1)
+    res = explain(model, x, config=QUICK.replace(classifier_path="traced"))
+    assert len(res) == 2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 class _FailsLater(nn.Module):
     """Fails after the dry runs, in the middle of explain."""
 

@@ -254,6 +254,9 @@ class TracedClassifier:
         model = clf.model
         self.layers, self.weights, self._to_map = clf.layers, clf.weights, clf.capture._to_map
         was = model.training
+        # tracing in train mode runs BatchNorm's num_batches_tracked.add_(1) on the real buffer (it
+        # is not a proxy): every buffer is put back as it was, the model is left untouched
+        saved = [(b, b.detach().clone()) for b in model.buffers()]
         model.eval()
         try:
             nodes = get_graph_node_names(model)[1]
@@ -264,6 +267,9 @@ class TracedClassifier:
                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
         finally:
             model.train(was)
+            with torch.no_grad():
+                for b, v in saved:
+                    b.copy_(v)
         self.graph.eval()
         self.folds = fold_batchnorm(self.graph) if fold else []
 
