@@ -67,6 +67,13 @@ def constant_like(x: torch.Tensor, value: float) -> torch.Tensor:
     return torch.full_like(x, value)
 
 
+def threshold_field(noise: torch.Tensor, progress: torch.Tensor, threshold: float, anneal: float) -> torch.Tensor:
+    """The stochastic binarisation thresholds ``[S,...]`` of uniform ``noise`` ``[S,...]`` at
+    ``progress`` ``[S]`` in [0,1): the noise narrowing linearly to ``threshold`` by ``anneal``."""
+    width = (1 - progress / anneal).clamp(min=0) if anneal > 0 else torch.zeros_like(progress)
+    return threshold + width.view(-1, *[1] * (noise.dim() - 1)) * (noise - threshold)
+
+
 class BackgroundSampler:
     """Draws one background per image per step, with no host sync.
 
@@ -115,8 +122,7 @@ class BackgroundSampler:
         then ``threshold`` itself. One draw, shared by the images (``like`` ``[N,1,H,W]``)."""
         noise = torch.rand((steps, *like.shape[1:]), generator=self.gen, device=like.device, dtype=like.dtype)
         progress = torch.arange(steps, device=like.device, dtype=like.dtype) / steps
-        width = (1 - progress / anneal).clamp(min=0) if anneal > 0 else torch.zeros_like(progress)
-        return (threshold + width.view(-1, 1, 1, 1) * (noise - threshold))[:, None]
+        return threshold_field(noise, progress, threshold, anneal)[:, None]
 
     def draw(self, index: int = 0) -> torch.Tensor:
         """``[N,C,H,W]``: the images' backgrounds of draw ``index`` (pooled kinds: column ``index``

@@ -64,6 +64,20 @@ def compose_all(x, m, baseline, backgrounds: list[torch.Tensor]) -> torch.Tensor
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+def prior_loss(mask_logits: torch.Tensor, cfg: MedCAMConfig) -> torch.Tensor:
+    """``[N]``: lambda_min * (area * |m|1 + bin * |m - m^2|1 + tv * TV) of the soft masks of
+    ``mask_logits`` ``[N,1,H,W]`` (the fused op)."""
+    if cfg.st_slope > 0:
+        # the priors see the soft mask with the same constant slope as the ST mask: pushes up and
+        # down then have equal footing (a vanishing sigmoid slope only on one side lets logits run away)
+        soft = torch.sigmoid(mask_logits / cfg.mask_temperature)
+        lin = mask_logits * (cfg.st_slope / cfg.mask_temperature)
+        pri = ops.mask_priors((lin - lin.detach()) + soft.detach(), diagonal=cfg.tv_diagonal)
+    else:
+        pri = losses.mask_priors(mask_logits, cfg.mask_temperature, cfg.tv_diagonal)
+    return cfg.lambda_min * (cfg.area * pri[:, 0] + cfg.bin * pri[:, 1] + cfg.tv * pri[:, 2])
+
+
 def fast_loss(clf, x, label, m, mask_logits, backgrounds, targets, cfg: MedCAMConfig, metrics):
     """Per-image loss ``[N]``, the evidence logits, and whether the objective held at this step
     ``[N]`` bool, from one classifier pass over [e; e~_1 .. e~_K; d].
@@ -98,15 +112,7 @@ def fast_loss(clf, x, label, m, mask_logits, backgrounds, targets, cfg: MedCAMCo
         ce_r = losses.label_ce(out_r, label_r, cfg.ce_temperature)
     ce_r = ce_r.view(k, n).mean(0)
     keep = cfg.act * am + cfg.kl * losses.kl_to_input(out_e, target_logits, cfg.kl_temperature) + cfg.ce * ce_e
-    if cfg.st_slope > 0:
-        # the priors see the soft mask with the same constant slope as the ST mask: pushes up and
-        # down then have equal footing (a vanishing sigmoid slope only on one side lets logits run away)
-        soft = torch.sigmoid(mask_logits / cfg.mask_temperature)
-        lin = mask_logits * (cfg.st_slope / cfg.mask_temperature)
-        pri = ops.mask_priors((lin - lin.detach()) + soft.detach(), diagonal=cfg.tv_diagonal)
-    else:
-        pri = losses.mask_priors(mask_logits, cfg.mask_temperature, cfg.tv_diagonal)
-    loss = cfg.lambda_min * (cfg.area * pri[:, 0] + cfg.bin * pri[:, 1] + cfg.tv * pri[:, 2])
+    loss = prior_loss(mask_logits, cfg)
     held = torch.ones(n, dtype=torch.bool, device=x.device)
     if preserve:
         loss = loss + cfg.lambda_am * keep + cfg.lambda_rob * cfg.rob * ce_r
@@ -134,7 +140,7 @@ def _select_targets(targets, keep):
 
 
 def fit_fast(clf, x, label, targets, sampler: BackgroundSampler, cfg: MedCAMConfig, seed: int,
-             step_clf=None) -> FitResult:
+             step_clf=None, base: torch.Tensor | None = None) -> FitResult:
     """Fits one light U-Net per image, all at once; each image stops on its own.
 
     An image stops when, at ``patience`` checks in a row (one every ``check_every`` steps), its
@@ -145,10 +151,13 @@ def fit_fast(clf, x, label, targets, sampler: BackgroundSampler, cfg: MedCAMConf
     A finished image leaves the batch ("drop") or is masked out of the update ("mask", static
     shapes; ``cfg.finished``). The host syncs only at checks. ``targets``: :func:`fit_targets`;
     ``step_clf``: the classifier view of the gradient pass (default ``clf``; a traceable one when
-    compiled).
+    compiled). ``base`` ``[N,1,H,W]``: a warm start (e.g. the amortised explainer's logits): the
+    mask logits are base + the U-Net's, whose head starts at exactly 0 (:meth:`StackedUNet.zero_head`).
     """
     n_all, device = x.shape[0], x.device
     unet = StackedUNet.from_config(cfg, n_all, x.shape[1], seed, device, x.dtype, tuple(x.shape[-2:]))
+    if base is not None:
+        unet.zero_head()
     unet.requires_grad_()
     opt = StackedAdam(unet.parameters(), cfg.lr, lr_scale=unet.lr_scales(cfg.offset_lr_scale))
     compiled = resolve_compile(cfg, device)
@@ -166,13 +175,13 @@ def fit_fast(clf, x, label, targets, sampler: BackgroundSampler, cfg: MedCAMConf
     prev_loss = torch.full((n_all,), float("inf"))
     kept_acc = torch.ones(n_all, dtype=torch.bool, device=device)
     window_loss = torch.zeros(n_all, device=device)
-    xa, ya, ta = x, label, targets
+    xa, ya, ta, ba = x, label, targets, base
     settle = max(cfg.min_steps, cfg.anneal * cfg.steps if cfg.binarize != "threshold" else 0)
     for step in range(1, cfg.steps + 1):
         r = cfg.rob_draws
         backgrounds = torch.stack([sampler.draw((step - 1) * r + j) for j in range(r)])
         loss, held, mask_logits = step_fn(unet, opt, xa, ya, ta, None if thresholds is None else thresholds[step - 1],
-                                          backgrounds, active)
+                                          backgrounds, active, ba)
         kept_acc &= held
         window_loss += loss
         last = step == cfg.steps
@@ -206,6 +215,7 @@ def fit_fast(clf, x, label, targets, sampler: BackgroundSampler, cfg: MedCAMConf
                 opt = opt.select(unet.parameters(), kd)
                 sampler = sampler.select(kd)
                 xa, ya, ta = xa[kd], ya[kd], _select_targets(ta, kd)
+                ba = None if ba is None else ba[kd]
         kept_acc = torch.ones(live.numel(), dtype=torch.bool, device=device)
         window_loss = torch.zeros(live.numel(), device=device)
     return FitResult(final, steps)

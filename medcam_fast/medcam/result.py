@@ -42,6 +42,8 @@ class Explanation:
             are sufficient (NaN: none is); evidence_curve: float ``[N,A]``, worst-case p(label)
             under the certified fills against ``curve_areas`` (NaN where none is certified).
         certified_fills: per image, the fills that counted.
+        source: where the mask logits came from: "fit" (the per-image fit), "amortised" (one pass
+            of an amortised explainer) or "amortised+refine" (warm-started fit steps).
     """
 
     mask: torch.Tensor
@@ -73,6 +75,7 @@ class Explanation:
     evidence_curve: torch.Tensor | None = None
     certified_fills: list[str] = field(default_factory=list)
     ranking: torch.Tensor | None = None
+    source: str = "fit"
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -92,6 +95,25 @@ class Explanation:
             else:
                 out[f.name] = v
         return Explanation(**out)
+
+    @classmethod
+    def concat(cls, parts: list["Explanation"]) -> "Explanation":
+        """One Explanation of the images of ``parts`` in order (the inverse of :meth:`select`):
+        per-image tensors and lists joined, ``seconds`` summed, the rest from the first part."""
+        if not parts:
+            raise ValueError("concat needs at least one Explanation")
+        out = {}
+        for f in fields(cls):
+            vals = [getattr(p, f.name) for p in parts]
+            per_image = [(torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(p)) or
+                         (isinstance(v, list) and len(v) == len(p)) for v, p in zip(vals, parts)]
+            if all(per_image):
+                out[f.name] = torch.cat(vals) if torch.is_tensor(vals[0]) else [e for v in vals for e in v]
+            elif f.name == "seconds":
+                out[f.name] = sum(vals)
+            else:
+                out[f.name] = vals[0]
+        return cls(**out)
 
     def rows(self, class_names=None) -> list[dict]:
         """One plain dict per image (for tables, JSON and reports)."""
@@ -122,6 +144,7 @@ class Explanation:
                 "evidence_curve": [] if self.evidence_curve is None else [float(v) for v in self.evidence_curve[i]],
                 "certified_fills": self.certified_fills[i] if self.certified_fills else "",
                 "steps": int(self.steps[i]),
+                "source": self.source,
                 "seconds": self.seconds / max(len(self), 1),
             })
         return out

@@ -53,15 +53,18 @@ class FitStep:
             mode = None if cfg.compile_mode == "default" else cfg.compile_mode
             self._fn = torch.compile(self.functional, fullgraph=True, dynamic=False, mode=mode)
 
-    def functional(self, flat, m, v, t, lr, x, label, targets, thresholds, backgrounds, active):
+    def functional(self, flat, m, v, t, lr, x, label, targets, thresholds, backgrounds, active, base=None):
         """Updates ``flat``, ``m``, ``v`` ``[G,P]`` and ``t`` (0-dim) in place; returns the
         per-image loss ``[N]``, whether the objective held ``[N]`` and the mask logits
         ``[N,1,H,W]`` before the update. ``thresholds`` ``[1,1,H,W]`` (or None: the fixed one),
-        ``backgrounds`` ``[R,N,C,H,W]``, ``active`` ``[N]`` bool or None."""
+        ``backgrounds`` ``[R,N,C,H,W]``, ``active`` ``[N]`` bool or None, ``base`` ``[N,1,H,W]``
+        logits added to the U-Net's (a warm start) or None."""
         from .fit import straight_through
 
         t.add_(1)
         mask_logits = self.unet(x, flat)
+        if base is not None:
+            mask_logits = mask_logits + base
         _, mask = straight_through(mask_logits, self.cfg, thresholds)
         loss, _, held = self.loss_fn(self.clf, x, label, mask, mask_logits, list(backgrounds.unbind(0)), targets,
                                      self.cfg, self.metrics)
@@ -71,18 +74,21 @@ class FitStep:
         return loss.detach(), held, mask_logits.detach()
 
     def __call__(self, unet: StackedUNet, opt: StackedAdam, x, label, targets, thresholds, backgrounds,
-                 active=None):
+                 active=None, base=None):
         """One step of ``unet`` with ``opt``; returns ``(loss [N], held [N], mask_logits [N,1,H,W])``."""
         if not self.compiled:
-            return self._eager(unet, opt, x, label, targets, thresholds, backgrounds, active)
+            return self._eager(unet, opt, x, label, targets, thresholds, backgrounds, active, base)
         (flat,) = unet.parameters()
         with _COMPILE_LOCK:
-            return self._fn(flat, opt.m, opt.v, opt.t, opt.lr_col, x, label, targets, thresholds, backgrounds, active)
+            return self._fn(flat, opt.m, opt.v, opt.t, opt.lr_col, x, label, targets, thresholds, backgrounds, active,
+                            base)
 
-    def _eager(self, unet, opt, x, label, targets, thresholds, backgrounds, active):
+    def _eager(self, unet, opt, x, label, targets, thresholds, backgrounds, active, base):
         from .fit import straight_through
 
         mask_logits = unet(x)
+        if base is not None:
+            mask_logits = mask_logits + base
         _, mask = straight_through(mask_logits, self.cfg, thresholds)
         loss, _, held = self.loss_fn(self.clf, x, label, mask, mask_logits, list(backgrounds.unbind(0)), targets,
                                      self.cfg, self.metrics)

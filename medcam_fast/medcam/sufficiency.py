@@ -139,6 +139,12 @@ class FillSet:
 
 
 @torch.no_grad()
+def fill_images(x: torch.Tensor, names, baseline: float) -> torch.Tensor:
+    """``[N,F,C,H,W]``: the plain fills ``names`` of ``x`` ``[N,C,H,W]``."""
+    return torch.stack([_FILLS[f](x, baseline) for f in names], dim=1)
+
+
+@torch.no_grad()
 def certify(forward, x: torch.Tensor, label: torch.Tensor, names, baseline: float, certify_margin: float,
             batch_size: int = 64, mask_fills=()) -> FillSet:
     """Builds the fills ``names`` of ``x`` ``[N,C,H,W]`` and certifies each per image: f(fill) must
@@ -146,7 +152,7 @@ def certify(forward, x: torch.Tensor, label: torch.Tensor, names, baseline: floa
     unknown = [f for f in names if f not in _FILLS] + [f for f in mask_fills if f not in _MASK_FILLS]
     if unknown or not names:
         raise ValueError(f"unknown or no fills {unknown or list(names)}; choose from {available_fills()}")
-    images = torch.stack([_FILLS[f](x, baseline) for f in names], dim=1)   # [N,F,C,H,W]
+    images = fill_images(x, names, baseline)
     n, f = images.shape[:2]
     logits = batched_logits(forward, images.flatten(0, 1), batch_size).view(n, f, -1)
     alone = margins(logits, label[:, None])

@@ -144,6 +144,15 @@ class StackedUNet:
                 scale[a:b] = offset_scale
         return scale
 
+    def zero_head(self) -> "StackedUNet":
+        """Head weights, bias and offset to 0: the logits start at exactly 0 (a warm start adds them
+        to given logits); the head's gradient is not 0, so the network still learns."""
+        with torch.no_grad():
+            for k, a, b, _ in self.layout:
+                if k in ("head.w", "head.b", "offset"):
+                    self.flat[:, a:b] = 0
+        return self
+
     def requires_grad_(self, flag=True) -> "StackedUNet":
         self.flat.requires_grad_(flag)
         return self
