@@ -64,6 +64,14 @@ def _validate_target(target, n: int, k: int, device) -> torch.Tensor | None:
     return t.long()
 
 
+def _validate_refine(refine, amortised) -> int:
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"refine must be an int >= 0 (per-image fit steps), got {refine!r}")
+    if refine and amortised is None:
+        raise ValueError("refine warm-starts the fit from an amortised explainer's mask: pass amortised=...")
+    return refine
+
+
 class Explainer:
     """A reusable Med-CAM explainer for one classifier; ``explainer(x)`` returns an Explanation.
 
@@ -78,13 +86,18 @@ class Explainer:
         forward: optional callable for the gradient-free passes (labels, verification), e.g. an
             ``OrtClassifier``; gradient passes always use ``model``.
         reference: optional ``[P,C,H,W]`` images for counterfactual backgrounds.
+        amortised: optional amortised explainer (a saved ``.safetensors`` path or an
+            :class:`~medcam_fast.amortised.AmortisedExplainer`): masks from its one forward pass
+            instead of the per-image fit, checked by the same test. Refused (ValueError) when it
+            was trained against other weights or, at a call, on another input shape.
+        refine: with ``amortised``, per-image fit steps warm-started from its mask (0: none).
 
     Thread-safe: concurrent calls share the frozen model and hooks (reference-counted) and keep
     their activations per thread.
     """
 
     def __init__(self, model: nn.Module, config: MedCAMConfig | None = None, mode: str = "fast", device=None,
-                 forward=None, reference: torch.Tensor | None = None):
+                 forward=None, reference: torch.Tensor | None = None, amortised=None, refine: int = 0):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if mode not in MODES:
@@ -100,6 +113,13 @@ class Explainer:
                              "first (explain never moves your model)")
         self.forward = forward
         self.reference = reference
+        self.amortised, self.refine = None, _validate_refine(refine, amortised)
+        if amortised is not None:
+            if mode == "reference":
+                raise ValueError("mode='reference' fits each image as the paper does; it takes no amortised explainer")
+            from ..amortised import resolve
+
+            self.amortised = resolve(amortised, model, self.device)
         self.classifier_path: str | None = None    # "traced" or "hooks", chosen on the first call
         self._path_lock = threading.Lock()
 
@@ -149,11 +169,16 @@ class Explainer:
                 return self.classifier.traced_graph if self.classifier_path == "traced" else None
         return self.classifier.traced(channels_last) if self.classifier_path == "traced" else None
 
-    def __call__(self, x: torch.Tensor, target=None, seed: int = 0, reference=None) -> Explanation:
-        """Explains ``x`` ``[C,H,W]`` or ``[N,C,H,W]`` for ``target`` (None: the top-1 label)."""
+    def __call__(self, x: torch.Tensor, target=None, seed: int = 0, reference=None, refine: int | None = None
+                 ) -> Explanation:
+        """Explains ``x`` ``[C,H,W]`` or ``[N,C,H,W]`` for ``target`` (None: the top-1 label);
+        ``refine`` overrides the Explainer's (amortised only)."""
         start = time.perf_counter()
         cfg = self.config
+        refine = self.refine if refine is None else _validate_refine(refine, self.amortised)
         x = _validate_x(x).to(self.device)
+        if self.amortised is not None:
+            self.amortised.check_input(x)
         reference = reference if reference is not None else self.reference
         try:
             self.classifier.prepare(x)
@@ -194,7 +219,10 @@ class Explainer:
             if cfg.background == "counterfactual" or cfg.audit_counterfactual:
                 pool = build_pool(self._frozen_forward, x, label, reference, cfg.n_robust, seed, cfg.max_batch,
                                   cfg.batch_as_reference)
-            logits, steps = self._fit(x, label, logits_x, feats_x, pool, fills, seed, step_clf)
+            if self.amortised is None:
+                logits, steps = self._fit(x, label, logits_x, feats_x, pool, fills, seed, step_clf)
+            else:
+                logits, steps = self._amortised(x, label, logits_x, feats_x, pool, fills, seed, step_clf, refine)
             soft = torch.sigmoid(logits / cfg.mask_temperature)
             need = sufficiency.required_margin(sufficiency.margins(logits_x.detach(), label), cfg.keep_margin,
                                                cfg.keep_share)
@@ -224,7 +252,8 @@ class Explainer:
             prob_removed=cpu["prob_removed"], random_pass=cpu["random_pass"], shape_keeps_label=cpu["shape_keeps"],
             a_star=cpu["a_star"], curve_areas=tuple(cfg.area_grid), evidence_curve=cpu["curve"],
             certified_fills=[fills.described(i, verdict["use"]) for i in range(n)],
-            ranking=logits[:, 0].detach().cpu())
+            ranking=logits[:, 0].detach().cpu(),
+            source="fit" if self.amortised is None else "amortised+refine" if refine else "amortised")
 
     def _verify(self, x, label, mask_logits, fills, pool, need, seed) -> dict:
         """The test of :mod:`.sufficiency` on every candidate, the choice, and the chosen mask's
@@ -285,9 +314,24 @@ class Explainer:
             "selection": [f"{names[int(j)]}: {notes[i]}" for i, j in enumerate(idx)],
         }
 
-    def _fit(self, x, label, logits_x, feats_x, pool, fills, seed, step_clf=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask logits ``[N,1,H,W]`` and steps ``[N]``; nothing here lives on ``self`` (thread safety)."""
+    def _amortised(self, x, label, logits_x, feats_x, pool, fills, seed, step_clf, refine: int):
+        """The amortised explainer's mask logits ``[N,1,H,W]`` (one pass per ``max_batch``), then
+        ``refine`` per-image fit steps from them (the U-Net's logits added, starting at 0)."""
         cfg = self.config
+        with torch.no_grad():
+            base = torch.cat([self.amortised(x[s:s + cfg.max_batch], label[s:s + cfg.max_batch])
+                              for s in range(0, x.shape[0], cfg.max_batch)]).to(x.dtype)
+        if not refine:
+            return base, torch.zeros(x.shape[0], dtype=torch.long)
+        # exactly `refine` steps: one check at the end, no early stop
+        cfg = cfg.replace(steps=refine, min_steps=refine, check_every=refine)
+        return self._fit(x, label, logits_x, feats_x, pool, fills, seed, step_clf, base=base, cfg=cfg)
+
+    def _fit(self, x, label, logits_x, feats_x, pool, fills, seed, step_clf=None, base=None, cfg=None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits ``[N,1,H,W]`` and steps ``[N]``, warm-started from ``base`` ``[N,1,H,W]``
+        logits when given; nothing here lives on ``self`` (thread safety)."""
+        cfg = cfg or self.config
         if self.mode == "reference":
             fit = fit_reference(self.classifier, x, label, cfg, seed)
             return fit.logits, fit.steps.cpu()
@@ -301,7 +345,7 @@ class Explainer:
             targets = fit_targets(logits_x[sl], [f[sl] for f in feats_x], label[sl])
             try:
                 fit = fit_fast(self.classifier, x[sl], label[sl], targets, self._sampler(x[sl], pool, fills, sl, seed),
-                               cfg, seed, step_clf=step_clf)
+                               cfg, seed, step_clf=step_clf, base=None if base is None else base[sl])
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not _is_oom(exc) or e - s == 1:
                     raise
@@ -341,7 +385,8 @@ class Explainer:
 
 
 def explain(model: nn.Module, x: torch.Tensor, target=None, config: MedCAMConfig | None = None, mode: str = "fast",
-            device=None, seed: int = 0, reference: torch.Tensor | None = None, forward=None) -> Explanation:
+            device=None, seed: int = 0, reference: torch.Tensor | None = None, forward=None, amortised=None,
+            refine: int = 0) -> Explanation:
     """Med-CAM: the smallest binary evidence in ``x`` that keeps ``model``'s decision, checked.
 
     Args:
@@ -355,11 +400,14 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, config: MedCAMConfig
         reference: optional ``[P,C,H,W]`` images for the counterfactual audit (``audit_counterfactual``)
             or ``background="counterfactual"``; never needed by the default test.
         forward: optional callable for the gradient-free passes (e.g. an OrtClassifier).
+        amortised, refine: masks from an amortised explainer's one pass, optionally refined by
+            ``refine`` fit steps (see :class:`Explainer`).
 
     Returns:
         :class:`Explanation` with ``mask`` ``[N,H,W]`` bool, ``sufficient`` ``[N]`` (the test of
         :mod:`medcam_fast.medcam.sufficiency`), ``random_pass``, ``a_star``, ``evidence_curve``,
         ``status`` and the rest (see its docstring).
     """
-    return Explainer(model, config, mode=mode, device=device, forward=forward, reference=reference)(
+    return Explainer(model, config, mode=mode, device=device, forward=forward, reference=reference,
+                     amortised=amortised, refine=refine)(
         x, target=target, seed=seed)
