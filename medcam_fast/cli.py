@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .amortised.training import AmortisedRecipe
 from .models.loading import InputOptions, load_model
 
 
@@ -51,7 +52,7 @@ def _config(steps: int | None):
 
 
 def cmd_demo(args) -> int:
-    from . import data
+    from . import data, zoo
     from .report import explain_to_report
 
     device = _device(args.device)
@@ -59,9 +60,15 @@ def cmd_demo(args) -> int:
     items = data.samples()
     attribution = (data.SAMPLES_DIR / "ATTRIBUTION").read_text().splitlines()[0:3]
     notes = ["Bundled samples: " + " ".join(line.strip() for line in attribution)]
-    return explain_to_report(loaded, items, [], Path(args.out), _config(args.steps), device, args.seed,
-                       batch=len(items), target=None, title="medcam-fast demo: brain MRI", notes=notes,
-                       command=args.argv)
+    print("== per-image fits (Med-CAM)")
+    rc = explain_to_report(loaded, items, [], Path(args.out), _config(args.steps), device, args.seed,
+                           batch=len(items), target=None, title="medcam-fast demo: brain MRI, per-image fits",
+                           notes=notes, command=args.argv)
+    print(f"== the bundled amortised explainer ({zoo.DEMO_EXPLAINER.name}): one pass per image, same checks")
+    rc_a = explain_to_report(loaded, items, [], Path(args.out) / "amortised", _config(args.steps), device, args.seed,
+                             batch=len(items), target=None, title="medcam-fast demo: brain MRI, amortised masks",
+                             notes=notes, command=args.argv, amortised=zoo.DEMO_EXPLAINER)
+    return max(rc, rc_a)
 
 
 def cmd_explain(args) -> int:
@@ -75,9 +82,58 @@ def cmd_explain(args) -> int:
     items, failures = collect_inputs(args.input, args.mask_dir, args.split)
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if args.refine and not args.explainer:
+        raise ValueError("--refine warm-starts from an amortised explainer: give --explainer PATH")
     return explain_to_report(loaded, items, failures, Path(args.out), _config(args.steps), device, args.seed,
                        batch=args.batch, target=args.target, title=f"medcam-fast: {loaded.description}",
-                       notes=list(loaded.notes), command=args.argv)
+                       notes=list(loaded.notes), command=args.argv, amortised=args.explainer, refine=args.refine)
+
+
+def cmd_train_explainer(args) -> int:
+    from .amortised import AmortisedRecipe, explainer_figures, save, train_explainer
+
+    device = _device(args.device)
+    loaded = load_model(args.model, _inputs(args), device)
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out must name a .safetensors file, got {args.out!r}")
+    x, names = _read_images(loaded, args.input, args.split, None)
+    cfg = _config(None)
+    cfg = cfg.replace(layers=loaded.layers) if loaded.layers else cfg
+    recipe = AmortisedRecipe(steps=args.steps, batch=args.batch, seed=args.seed)
+    facts = {}
+    if loaded.spec.get("spec") == "demo":   # the bundled classifier's data: its description and licence
+        from . import zoo
+
+        facts = {k: v for k, v in zoo.card()["dataset"].items() if k in ("description", "source", "licence", "caveat")}
+    card = {"name": out.stem, "classifier": {"name": loaded.spec.get("spec"), "description": loaded.description},
+            "class_names": list(loaded.class_names), "command": "medcam-fast " + " ".join(args.argv),
+            "data": {"inputs": [str(p) for p in args.input], "split": args.split, "images": len(names), **facts}}
+    amortised = train_explainer(loaded.model, x, cfg, recipe, checkpoint=args.checkpoint or out.with_suffix(".ckpt"),
+                                card=card)
+    if args.val_input:
+        xv, _ = _read_images(loaded, args.val_input, args.val_split, args.val_n)
+        print(f"figures on {xv.shape[0]} {args.val_split or ''} images (amortised, refine 20"
+              + (", the per-image fit" if args.val_fit else "") + ") ...", file=sys.stderr)
+        amortised.card["figures"] = {"split": args.val_split, **explainer_figures(
+            loaded.model, amortised, xv.to(device), cfg, fit=args.val_fit, seed=args.seed)}
+    path = save(amortised, out)
+    print(f"wrote {path}, {path.with_suffix('.json')} and {path.with_suffix('.md')}")
+    return 0
+
+
+def _read_images(loaded, inputs, split, n):
+    """``[M,C,H,W]`` preprocessed images of ``inputs`` (files, folders, split.csv) and their names;
+    ``n``: the first n only. Any unreadable input stops the command (a training set is not partial)."""
+    from .data.collect import collect_inputs
+
+    items, failures = collect_inputs(inputs, None, split)
+    if failures:
+        raise ValueError(f"unreadable input {failures[0]['path']}: {failures[0]['error']}")
+    items = items[:n] if n else items
+    if len(items) < 2:
+        raise ValueError(f"need at least 2 images, found {len(items)} in {list(map(str, inputs))}")
+    return torch.stack([loaded.preprocess(s.path) for s in items]), [s.name for s in items]
 
 
 def cmd_info(args) -> int:
@@ -166,8 +222,8 @@ def cmd_evaluate(args) -> int:
     summary = evaluate_dataset(args.dataset, args.data, args.classifier, args.out, n=args.n, methods=methods,
                                reference_images=args.reference_images, sanity_images=args.sanity_images,
                                pool_size=args.pool_size, tune_size=args.tune_size, seed=args.seed, batch=args.batch,
-                               weights_dir=args.weights_dir, progress=progress,
-                               **({} if args.judge_steps is None else {"judge_steps": args.judge_steps}))
+                               weights_dir=args.weights_dir, progress=progress, explainer=args.explainer,
+                               refine=args.refine, **({} if args.judge_steps is None else {"judge_steps": args.judge_steps}))
     if bar is not None:
         bar.close()
     print(markdown_table({k: v for k, v in summary.items() if not k.startswith("_")}))
@@ -230,7 +286,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-dir", default=None, help="ground-truth masks: <mask-dir>/<image stem>.<png|jpg|...>")
     p.add_argument("--split", default=None, help="with a CSV input: only this split (train/val/test)")
     p.add_argument("--batch", type=int, default=16, help="images per Explainer call (default 16)")
+    p.add_argument("--explainer", default=None, metavar="PATH",
+                   help="an amortised explainer (.safetensors from train-explainer): masks in one pass, same checks")
+    p.add_argument("--refine", type=int, default=0, metavar="K", help="with --explainer: K per-image fit steps "
+                   "warm-started from its masks (default 0)")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("train-explainer", help="train an amortised explainer for a classifier over a data set")
+    _add_common(p)
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="training images: files, folders or split.csv / labels.csv (with --split)")
+    p.add_argument("--split", default=None, help="with a CSV input: only this split (default: all rows)")
+    p.add_argument("--out", required=True, help="the .safetensors file to write (its card beside it)")
+    p.add_argument("--steps", type=int, default=AmortisedRecipe.steps, help="optimiser steps")
+    p.add_argument("--batch", type=int, default=AmortisedRecipe.batch, help="images per step")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: --out with .ckpt); an existing "
+                   "one is resumed")
+    p.add_argument("--val-input", nargs="+", default=None, metavar="PATH", help="images for the card's figures")
+    p.add_argument("--val-split", default=None, help="with a CSV --val-input: this split")
+    p.add_argument("--val-n", type=int, default=32, help="figures on the first N of them (default 32)")
+    p.add_argument("--val-fit", action="store_true", help="also run the per-image fit on them (slow) for the card")
+    p.set_defaults(func=cmd_train_explainer)
 
     sub.add_parser("info", help="versions, build info, devices, onnxruntime providers").set_defaults(func=cmd_info)
 
@@ -261,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-size", type=int, default=40, help="other val images for the CAM thresholds")
     p.add_argument("--judge-steps", type=int, default=None,
                    help="fine-tuning steps of the EVAL-X-style judge (default: JudgeRecipe's; 0: no judge)")
+    p.add_argument("--explainer", default=None, metavar="PATH",
+                   help="an amortised explainer: adds the rows amortised and amortised+refine")
+    p.add_argument("--refine", type=int, default=20, help="fit steps of the amortised+refine row (default 20)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_evaluate)
     return ap

@@ -46,6 +46,13 @@ def table_names(stdout, names):
     return [line.split()[0] for line in stdout.splitlines() if line.split() and line.split()[0] in names]
 
 
+def demo_sections(stdout) -> tuple[str, str]:
+    """The demo's two printed parts: the per-image fits, then the amortised masks."""
+    parts = re.split(r"^== .*$\n", stdout, flags=re.M)
+    assert len(parts) == 3 and parts[0] == "", stdout[:300]
+    return parts[1], parts[2]
+
+
 def check_links(out_dir: Path) -> list[str]:
     html = (out_dir / "report.html").read_text(encoding="utf-8")
     links = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', html)
@@ -81,8 +88,9 @@ def demo(tmp_path_factory):
 
 
 def test_demo_in_process(demo):
-    rc, stdout, stderr, out = demo
+    rc, both, stderr, out = demo
     assert rc == 0, stderr
+    stdout, amortised_out = demo_sections(both)
     assert table_names(stdout, NAMES) == NAMES                      # one table row per sample, in order
     header = stdout.splitlines()[0].split()
     assert header == ["name", "class", "p(x)", "p(evidence)", "sufficient", "area", "a*", "random_pass",
@@ -108,6 +116,14 @@ def test_demo_in_process(demo):
     for r in results["rows"]:                                         # the blank-image finding, in words
         if r["null_keeps_label"]:
             assert f"this classifier predicts {r['class_name']} for a blank image" in html
+    assert {r["source"] for r in results["rows"]} == {"fit"}
+    # and the bundled amortised explainer's masks, one pass each, through the same checks
+    assert table_names(amortised_out, NAMES) == NAMES
+    amortised = json.loads((out / "amortised" / "results.json").read_text())
+    assert {r["source"] for r in amortised["rows"]} == {"amortised"} and {r["steps"] for r in amortised["rows"]} == {0}
+    assert amortised["metadata"]["amortised"]["card"]["classifier"]["fingerprint"]
+    assert [r["null_keeps_label"] for r in amortised["rows"]] == [r["null_keeps_label"] for r in results["rows"]]
+    assert len([link for link in check_links(out / "amortised") if link.endswith(".png")]) == len(SAMPLES)
 
 
 def test_demo_entry_point_subprocess(tmp_path):
@@ -117,7 +133,8 @@ def test_demo_entry_point_subprocess(tmp_path):
     p = subprocess.run([str(exe), "demo", "--steps", "1", "--out", str(tmp_path / "d"), "--device", "cpu"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr
-    assert table_names(p.stdout, NAMES) == NAMES
+    fits, amortised = demo_sections(p.stdout)
+    assert table_names(fits, NAMES) == NAMES and table_names(amortised, NAMES) == NAMES
     check_links(tmp_path / "d")
     assert len(json.loads((tmp_path / "d" / "results.json").read_text())["rows"]) == len(SAMPLES)
 
@@ -260,6 +277,8 @@ def test_pickled_checkpoints_are_refused(tmp_path, tiny, monkeypatch, what):
     (["explain", "--model", "demo", "--input", "x.png", "--out", "o", "--size", "64"], "do not apply"),
     (["demo", "--steps", "0", "--out", "o"], "--steps"),
     (["demo", "--device", "nonsense", "--out", "o"], "--device"),
+    (["explain", "--model", "demo", "--input", "x.png", "--out", "o", "--refine", "5"], "--explainer"),
+    (["train-explainer", "--model", "demo", "--input", "x.png", "--out", "o.pt"], ".safetensors"),
     (["bogus"], "invalid choice"),
     (["explain", "--model", "demo"], "required"),
 ])
@@ -267,6 +286,42 @@ def test_usage_errors_exit_2(tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     rc, _, stderr = run(argv)
     assert rc == 2 and message in stderr and "Traceback" not in stderr
+
+
+# ------------------------------------------------------------------------------------------------------ amortised
+def test_train_explainer_then_explain_with_it(tmp_path):
+    out = tmp_path / "ex.safetensors"
+    argv = ["train-explainer", "--model", "demo", "--input", data.SAMPLES_DIR / "images", "--out", out, "--steps", 2,
+            "--batch", 4, "--device", "cpu", "--val-input", SAMPLES[0].path, SAMPLES[1].path]
+    rc, stdout, stderr = run(argv)
+    assert rc == 0, stderr
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["recipe"]["steps"] == 2 and card["data"]["images"] == len(SAMPLES)
+    assert card["classifier"]["name"] == "demo" and "CC BY 4.0" in card["data"]["licence"]
+    assert set(card["figures"]["rows"]) == {"amortised", "amortised+refine20"}
+    assert out.with_suffix(".ckpt").is_file()
+    rc, stdout, stderr = run(argv)                                   # rerun: resumes from its checkpoint, done
+    assert rc == 0 and json.loads(out.with_suffix(".json").read_text())["training"]["resumed_from_step"] == 2
+    rc, stdout, stderr = run(["explain", "--model", "demo", "--input", SAMPLES[0].path, SAMPLES[5].path, "--out",
+                              tmp_path / "o", "--explainer", out, "--refine", 2, "--device", "cpu"])
+    assert rc == 0, stderr
+    rows = json.loads((tmp_path / "o" / "results.json").read_text())["rows"]
+    assert [r["source"] for r in rows] == ["amortised+refine"] * 2 and [r["steps"] for r in rows] == [2, 2]
+    # an explainer for another classifier is refused with the reason, not a traceback
+    rc, _, stderr = run(["explain", "--model", f"timm:resnet10t:{_tiny_timm(tmp_path)}", "--input", SAMPLES[0].path,
+                         "--out", tmp_path / "o2", "--explainer", out, "--device", "cpu"])
+    assert rc == 2 and "fingerprint" in stderr and "Traceback" not in stderr
+
+
+def _tiny_timm(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=3, in_chans=1)
+    path = tmp_path / "r10.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
 
 
 # ------------------------------------------------------------------------------------------------------ info, ONNX

@@ -183,3 +183,24 @@ def test_evaluate_command_end_to_end(tmp_path, capsys):
     # too few val images for the pool and the thresholds: a clear error, not a crash
     assert cli.main(argv[:-4] + ["--pool-size", "64", "--tune-size", "4", "--out", str(tmp_path / "again")]) == 2
     assert "no val images beyond the 12 already used" in capsys.readouterr().err
+
+
+def test_amortised_rows(tmp_path):
+    from medcam_fast import amortised as am
+
+    model = train_tiny_cnn(seed=0)
+    xt, _, _ = make_planted(128, seed=5)
+    path = am.save(am.train_explainer(model, xt, MedCAMConfig(), am.AmortisedRecipe(
+        steps=60, batch=16, widths=(8, 16, 32), scale=1, lr=3e-3), progress=False), tmp_path / "ex.safetensors")
+    x, _, gt = make_planted(4, seed=41, positive_only=True)
+    xp, yp, _ = make_planted(40, seed=43)
+    data = EvalSet("planted", x, [f"img{i}" for i in range(4)], gt, xp[yp == 0][:12])
+    opts = EvalOptions(methods=("amortised", "amortised+refine"), batch=2, n_robust=4, explainer=str(path), refine=3)
+    records = Evaluation(model, data, tmp_path / "run", opts).run()
+    by = {m: [r for r in records if r["method"] == m] for m in opts.methods}
+    assert [len(v) for v in by.values()] == [4, 4]
+    assert {r["steps"] for r in by["amortised"]} == {0}
+    assert {r["steps"] for r in by["amortised+refine"]} == {3}
+    assert all("status" in r and "sufficient" in r for r in records)
+    with pytest.raises(ValueError, match="needs an amortised explainer"):
+        Evaluation(model, data, tmp_path / "run2", EvalOptions(methods=("amortised",), batch=2, n_robust=4)).run()

@@ -108,7 +108,7 @@ def _judge(model, images, out_dir: Path, steps: int, seed: int):
 def evaluate_dataset(dataset: str, root, classifier: str, out_dir, n: int = 100, methods=None,
                      reference_images: int = 3, pool_size: int = 64, tune_size: int = 40, sanity_images: int = 8,
                      seed: int = 0, batch: int = 16, weights_dir=None, progress=None, n_examples: int = 4,
-                     judge_steps: int = JudgeRecipe.steps) -> dict:
+                     judge_steps: int = JudgeRecipe.steps, explainer=None, refine: int = 20) -> dict:
     """Runs every method on ``n`` test images of ``dataset`` and writes the report to ``out_dir``.
 
     ``dataset``: one of DATASETS; ``brain_mri_tag`` is the known-evidence set of a shortcut
@@ -119,6 +119,8 @@ def evaluate_dataset(dataset: str, root, classifier: str, out_dir, n: int = 100,
     ``patchnet_smooth``). The trivial all-0 / all-1 masks are scored beside every method.
     ``judge_steps``: the EVAL-X-style judge's fine-tuning steps (0: no judge column).
     ``n_examples`` test images are re-explained for the example grid (0: no grid).
+    ``explainer``: an amortised explainer (.safetensors) for the ``amortised`` and
+    ``amortised+refine`` (``refine`` steps) rows, which are added to the default methods.
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; use one of {DATASETS}")
@@ -140,8 +142,11 @@ def evaluate_dataset(dataset: str, root, classifier: str, out_dir, n: int = 100,
     default = ("medcam", "medcam_plain", "medcam_reference") + CAM_METHODS
     if isinstance(model, PatchNet):  # AblationCAM is undefined on per-patch layers
         default = ("medcam", "gradcam", "gradcam++", "layercam") + PATCHNET_METHODS
+    if explainer is not None:
+        default = default + ("amortised", "amortised+refine")
     methods = tuple(methods or default + CONTROL_METHODS)
-    options = EvalOptions(methods=methods, reference_images=reference_images, batch=batch, seed=seed)
+    options = EvalOptions(methods=methods, reference_images=reference_images, batch=batch, seed=seed,
+                          explainer=None if explainer is None else str(explainer), refine=refine)
     judge = _judge(model, judge_images, out_dir, judge_steps, seed) if judge_steps > 0 else None
     ev = Evaluation(model, data, out_dir, options, progress=progress, judge=judge)
     records = ev.run(methods)
@@ -171,7 +176,9 @@ def evaluate_dataset(dataset: str, root, classifier: str, out_dir, n: int = 100,
         "mask's area under the same test; a*: the smallest area of the grid whose top pixels are sufficient (1.0 "
         "where none is); kept_robust: pasted onto val images of other labels, an audit only",
         "Med-CAM fast: default MedCAMConfig; medcam_plain: plain_config() (the straightforward 'before' Med-CAM)"
-        + (f"; reference mode on {reference_images} image(s)" if "medcam_reference" in methods else ""),
+        + (f"; reference mode on {reference_images} image(s)" if "medcam_reference" in methods else "")
+        + (f"; amortised: one pass of {Path(str(explainer)).name}, amortised+refine: {refine} fit steps from it"
+           if explainer is not None else ""),
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; run {datetime.datetime.now():%Y-%m-%d %H:%M}",
         "data: Cheng, Jun et al., \"Brain tumor dataset\", figshare, doi:10.6084/m9.figshare.1512427, CC BY 4.0; "

@@ -29,6 +29,8 @@ CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "abla
 # masks reported beside every method: the ground truth itself (the oracle: is the known evidence
 # sufficient?) and the trivial ones (Stalder et al. 2022), nothing kept and everything kept
 CONTROL_METHODS = ("ground_truth", "all_zero", "all_one")
+# Med-CAM rows: the per-image fits, and the amortised explainer (EvalOptions.explainer) alone or refined
+MEDCAM_METHODS = ("medcam", "medcam_plain", "medcam_reference", "amortised", "amortised+refine")
 
 
 @dataclass
@@ -55,6 +57,8 @@ class EvalOptions:
     medcam: MedCAMConfig = field(default_factory=MedCAMConfig)
     reference: MedCAMConfig = field(default_factory=reference_config)
     plain: MedCAMConfig = field(default_factory=plain_config)
+    explainer: str | None = None    # the amortised explainer (.safetensors) of the amortised rows
+    refine: int = 20                # fit steps of the "amortised+refine" row
 
 
 def _load_done(path: Path) -> dict:
@@ -217,8 +221,9 @@ class Evaluation:
                 self.progress(method, len(idx))
 
     def run_medcam(self, method: str = "medcam") -> None:
-        """``medcam`` (fast defaults), ``medcam_plain`` (the straightforward "before" config) or
-        ``medcam_reference`` (the paper's procedure, on the first ``reference_images`` images)."""
+        """``medcam`` (fast defaults), ``medcam_plain`` (the straightforward "before" config),
+        ``medcam_reference`` (the paper's procedure, on the first ``reference_images`` images), or the
+        amortised explainer's one pass (``amortised``) and ``refine`` fit steps from it."""
         explainer = self.medcam_explainer(method)
         fast = method != "medcam_reference"
         todo = self._todo(method, None if fast else self.opt.reference_images)
@@ -236,11 +241,16 @@ class Evaluation:
                 self.progress(method, len(idx))
 
     def medcam_explainer(self, method: str) -> Explainer:
-        """The :class:`Explainer` of ``medcam``, ``medcam_plain`` or ``medcam_reference`` in this run."""
+        """The :class:`Explainer` of one of :data:`MEDCAM_METHODS` in this run."""
         mode = "reference" if method == "medcam_reference" else "fast"
-        cfg = {"medcam": self.opt.medcam, "medcam_plain": self.opt.plain, "medcam_reference": self.opt.reference}[method]
+        amortised = method.startswith("amortised")
+        if amortised and self.opt.explainer is None:
+            raise ValueError(f"method {method!r} needs an amortised explainer (EvalOptions.explainer / --explainer)")
+        cfg = {"medcam_plain": self.opt.plain, "medcam_reference": self.opt.reference}.get(method, self.opt.medcam)
         cfg = cfg.replace(batch_as_reference=False, n_robust=self.opt.n_robust)
-        return Explainer(self.model, cfg, mode=mode, reference=self.data.pool)
+        return Explainer(self.model, cfg, mode=mode, reference=self.data.pool,
+                         amortised=self.opt.explainer if amortised else None,
+                         refine=self.opt.refine if method == "amortised+refine" else 0)
 
     def map_fn(self, method: str):
         """``(x, y) -> [n,H,W]`` saliency of a map method: a CAM through grad-cam, or PatchNet's own
@@ -301,7 +311,7 @@ class Evaluation:
 
     def run(self, methods=None) -> list[dict]:
         methods = methods or self.opt.methods
-        for method in ("medcam", "medcam_plain", "medcam_reference"):
+        for method in MEDCAM_METHODS:
             if method in methods:
                 self.run_medcam(method)
         maps = [m for m in methods if m in CAM_METHODS + PATCHNET_METHODS]

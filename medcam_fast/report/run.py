@@ -58,10 +58,11 @@ def _evidence_caption(pre, baseline: float) -> str:
 
 def explain_to_report(loaded, items, failures, out_dir, config, device, seed: int = 0, batch: int = 16,
                       target=None, title: str = "Med-CAM report", notes=None, command=None,
-                      out=None, err=None) -> int:
+                      out=None, err=None, amortised=None, refine: int = 0) -> int:
     """Explains ``items`` with ``loaded.model`` in batches, writes panels, ``report.html`` and
     ``results.json`` under ``out_dir``, prints a summary table (``out``, default stdout) and the failures
-    (``err``, default stderr). Returns 0, or 1 when any input failed (each failure is named)."""
+    (``err``, default stderr). Returns 0, or 1 when any input failed (each failure is named).
+    ``amortised``, ``refine``: masks from an amortised explainer (see :class:`Explainer`)."""
     import sys
     import warnings
     from pathlib import Path
@@ -99,7 +100,11 @@ def explain_to_report(loaded, items, failures, out_dir, config, device, seed: in
 
     n_batches = -(-len(ready) // batch)
     bar.set_total(len(items) + 2 * len(ready) + n_batches + 1)   # read, explain, grad-cam, panels, report
-    explainer = Explainer(loaded.model, cfg, device=device)
+    explainer = Explainer(loaded.model, cfg, device=device, amortised=amortised, refine=refine)
+    if amortised is not None:
+        notes.append(f"masks: one pass of the amortised explainer {Path(str(amortised)).name}"
+                     + (f", refined by {refine} per-image fit steps" if refine else "")
+                     + f" (trained against fingerprint {explainer.amortised.fingerprint}); the checks are the fit's")
     rows, panels, cam_note = [], [], None
     panel_dir = out_dir / "panels"
     for b in range(0, len(ready), batch):
@@ -144,7 +149,9 @@ def explain_to_report(loaded, items, failures, out_dir, config, device, seed: in
     bar.stage("report")
     metadata = {"command": command, "model": loaded.spec, "model_description": loaded.description,
                 "preprocess": {"input_size": list(pre.input_size), "mean": list(pre.mean), "std": list(pre.std)},
-                "config": cfg.to_dict(), "seed": seed, "device": str(device), "batch": batch, "target": target}
+                "config": cfg.to_dict(), "seed": seed, "device": str(device), "batch": batch, "target": target,
+                "amortised": None if amortised is None else {"path": str(amortised), "refine": refine,
+                                                             "card": explainer.amortised.card}}
     html_path, json_path = write_report(out_dir, rows, panels, loaded.class_names, title, notes, metadata, failures)
     bar.update(1)
     bar.close()

@@ -11,8 +11,10 @@ from .cards import DATASET_FACTS, build_model
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 DEMO = "brain_mri_mobilenetv2"
+# the demo classifier's amortised explainer (medcam-fast train-explainer; `make demo-explainer`)
+DEMO_EXPLAINER = WEIGHTS_DIR / f"{DEMO}_explainer.safetensors"
 
-__all__ = ["DEMO", "DATASET_FACTS", "build_model", "card", "load", "load_demo"]
+__all__ = ["DEMO", "DEMO_EXPLAINER", "DATASET_FACTS", "build_model", "card", "load", "load_demo"]
 
 
 def card(name: str = DEMO) -> dict:
