@@ -196,9 +196,14 @@ def test_amortised_rows(tmp_path):
     xp, yp, _ = make_planted(40, seed=43)
     data = EvalSet("planted", x, [f"img{i}" for i in range(4)], gt, xp[yp == 0][:12])
     opts = EvalOptions(methods=("amortised", "amortised+refine"), batch=2, n_robust=4, explainer=str(path), refine=3)
-    records = Evaluation(model, data, tmp_path / "run", opts).run()
+    ev = Evaluation(model, data, tmp_path / "run", opts)
+    records = ev.run()
     by = {m: [r for r in records if r["method"] == m] for m in opts.methods}
     assert [len(v) for v in by.values()] == [4, 4]
+    from medcam_fast.evaluation.examples import example_maps
+
+    shown = example_maps(ev, list(opts.methods), 2)    # the report's figure: Med-CAM rows, not CAMs
+    assert set(shown) == set(opts.methods) and shown["amortised"][1].shape == (2, 64, 64)
     assert {r["steps"] for r in by["amortised"]} == {0}
     assert {r["steps"] for r in by["amortised+refine"]} == {3}
     assert all("status" in r and "sufficient" in r for r in records)

@@ -17,17 +17,17 @@ from ..report.panels import GT_COLOUR, MASK_COLOUR, _display, _outline
 def example_maps(ev, methods, n: int = 4) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{method: (saliency [n,H,W] float, mask [n,H,W] bool)}`` on the first ``n`` images of
     ``ev.data`` (an :class:`~.runner.Evaluation`). The control masks are left out: they are no map."""
-    from .runner import CONTROL_METHODS
+    from .runner import CONTROL_METHODS, MEDCAM_METHODS
 
     methods = [m for m in methods if m not in CONTROL_METHODS]
     idx = list(range(min(n, len(ev.data.ids))))
     x, y = ev.data.x[idx], ev.label[idx]
     out = {}
-    thresholds = ev.thresholds([m for m in methods if not m.startswith("medcam")])  # cached by the run
+    thresholds = ev.thresholds([m for m in methods if m not in MEDCAM_METHODS])  # cached by the run
     for method in methods:
         if method == "medcam_reference":
             continue
-        if method.startswith("medcam"):
+        if method in MEDCAM_METHODS:
             res = ev.medcam_explainer(method)(x, target=y, seed=ev.opt.seed)
             out[method] = (res.soft_mask, res.mask)
         else:

@@ -65,8 +65,10 @@ def markdown_table(summary: dict[str, dict], columns=None) -> str:
     """One row per method (Med-CAM first, the trivial controls last) over ``columns`` (default COLUMNS)."""
     columns = columns or COLUMNS
     controls = [m for m in ("ground_truth", "all_zero", "all_one") if m in summary]
-    order = (["medcam", "medcam_plain", "medcam_reference"]
-             + sorted(m for m in summary if not m.startswith("medcam") and m not in controls) + controls)
+    from .runner import MEDCAM_METHODS
+
+    order = (list(MEDCAM_METHODS) + sorted(m for m in summary if m not in MEDCAM_METHODS and m not in controls)
+             + controls)
     lines = ["| method | " + " | ".join(h for _, h, _ in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for m in [m for m in order if m in summary]:
