@@ -100,7 +100,7 @@ def cmd_train_explainer(args) -> int:
     x, names = _read_images(loaded, args.input, args.split, None)
     cfg = _config(None)
     cfg = cfg.replace(layers=loaded.layers) if loaded.layers else cfg
-    recipe = AmortisedRecipe(steps=args.steps, batch=args.batch, seed=args.seed)
+    recipe = AmortisedRecipe(steps=args.steps, batch=args.batch, wrong_rate=args.wrong_rate, seed=args.seed)
     facts = {}
     if loaded.spec.get("spec") == "demo":   # the bundled classifier's data: its description and licence
         from . import zoo
@@ -300,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the .safetensors file to write (its card beside it)")
     p.add_argument("--steps", type=int, default=AmortisedRecipe.steps, help="optimiser steps")
     p.add_argument("--batch", type=int, default=AmortisedRecipe.batch, help="images per step")
+    p.add_argument("--wrong-rate", type=float, default=AmortisedRecipe.wrong_rate,
+                   help="share of each batch explained for a class the classifier does not give")
     p.add_argument("--checkpoint", default=None, help="checkpoint file (default: --out with .ckpt); an existing "
                    "one is resumed")
     p.add_argument("--val-input", nargs="+", default=None, metavar="PATH", help="images for the card's figures")
