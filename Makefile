@@ -8,7 +8,7 @@ OUT    ?= demo_out
 BENCH_JSON := benchmarks/results/json
 DATA   ?= ../shared/data
 
-.PHONY: all venv build test test-suite test-isa demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx bench-speed probe evaluate-tag tune-sufficiency tune-steps clean
+.PHONY: all venv build test test-suite test-isa demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx bench-speed probe evaluate-tag tune-sufficiency tune-steps demo-explainer evaluate-amortised tag-explainer evaluate-tag-amortised clean
 
 all: test
 
@@ -54,6 +54,32 @@ test-isa: build
 
 demo: build
 	$(BIN)/medcam-fast demo --out $(OUT)
+
+# The bundled amortised explainer of the demo classifier: brain_mri train split, figures on 32 val
+# images (with the per-image fit for comparison). About 20 minutes on 2 CPU cores; resumable.
+EXPLAINER := medcam_fast/zoo/weights/brain_mri_mobilenetv2_explainer.safetensors
+demo-explainer: build
+	mkdir -p build
+	$(BIN)/medcam-fast train-explainer --model demo --input $(DATA)/brain_mri/split.csv --split train \
+	  --out $(EXPLAINER) --steps 3000 --checkpoint build/demo_explainer.ckpt --val-input $(DATA)/brain_mri/split.csv \
+	  --val-split val --val-n 32 --val-fit --device cpu
+
+evaluate-amortised: build
+	$(BIN)/python benchmarks/evaluate_amortised.py --data $(DATA)/brain_mri --n 100 --out benchmarks/results/amortised_brain_mri
+
+# the tag benchmark's amortised rows: an explainer of the shortcut classifier (tagged train split),
+# then the harness on 50 tag test cases, the per-image fit beside it
+TAG_EXPLAINER := benchmarks/models/brain_mri_tag_mobilenetv2_explainer.safetensors
+tag-explainer: build
+	mkdir -p build
+	$(BIN)/python benchmarks/train_tag_explainer.py --data $(DATA)/brain_mri --out $(TAG_EXPLAINER) \
+	  --checkpoint build/tag_explainer.ckpt
+
+evaluate-tag-amortised: build
+	$(BIN)/python benchmarks/evaluate.py --dataset brain_mri_tag --data $(DATA)/brain_mri \
+	  --classifier brain_mri_tag_mobilenetv2 --weights-dir benchmarks/models --n 50 --reference-images 0 \
+	  --sanity-images 0 --judge-steps 0 --methods medcam,amortised,amortised+refine --explainer $(TAG_EXPLAINER) \
+	  --out benchmarks/results/evaluation_brain_mri_tag_amortised
 
 # Timing tables on this machine (one torch job at a time: nothing else should run beside them).
 # The brain_mri suites read the data folder DATA (make bench DATA=/path/to/data; passed on as
