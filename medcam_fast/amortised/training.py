@@ -197,35 +197,39 @@ def _bar(total: int, done: int, enabled: bool):
 
 
 def _train_step(net, view, opt, images, labels, certified, cfg, recipe, metrics, gen, step, k, device) -> dict:
-    """One optimiser step on a random batch; returns running statistics (floats)."""
+    """One optimiser step on a random batch; returns running statistics (floats). The batch's
+    split into right and wrong labels is drawn on the CPU and indexes by position, so the step
+    reads one tensor back from the device (the statistics), not one per branch."""
     b = recipe.batch
     idx = torch.randint(images.shape[0], (b,), generator=gen)
     x = images[idx].to(device)
     y = labels[idx].to(device)
-    wrong = (torch.rand(b, generator=gen) < recipe.wrong_rate).to(device)
+    wrong_cpu = torch.rand(b, generator=gen) < recipe.wrong_rate
+    wrong = wrong_cpu.to(device)
     shift = torch.randint(1, k, (b,), generator=gen).to(device)
     target = torch.where(wrong, (y + shift) % k, y)
-    fill_idx = _pick_fill(certified[idx], gen).to(device)
+    fill_idx = _pick_fill(certified[idx], gen)
     noise = torch.rand((1, 1, *x.shape[2:]), generator=gen).to(device, x.dtype)
     progress = torch.tensor([step / recipe.steps], device=device, dtype=x.dtype)
     thresholds = threshold_field(noise, progress, cfg.threshold, recipe.anneal)   # [1,1,H,W]
+    ri_cpu, wi_cpu = (~wrong_cpu).nonzero()[:, 0], wrong_cpu.nonzero()[:, 0]
+    ri, wi = ri_cpu.to(device), wi_cpu.to(device)
 
     mask_logits = net(x, target)
     _, m = straight_through(mask_logits, cfg, thresholds if cfg.binarize == "stochastic" else None)
-    right = ~wrong
     loss = torch.zeros((), device=device)
     held = torch.zeros((), device=device)
-    if bool(right.any()):
-        xr, yr = x[right], y[right]
+    if ri_cpu.numel():
+        xr, yr = x[ri], y[ri]
         with torch.no_grad():
             logits_x, feats_x = view.forward(xr, with_activations=True)
         fills = sufficiency.fill_images(xr, cfg.fills, cfg.baseline)
-        background = fills[torch.arange(xr.shape[0], device=device), fill_idx[right]]
+        background = fills[torch.arange(xr.shape[0], device=device), fill_idx[ri_cpu].to(device)]
         tl, tf, ts, tc = fit_targets(logits_x, feats_x, yr)
         # a channel silent on x would weigh 1e6x in the channel-normalised MSE: harmless for one
         # image's own Adam fit, it swamps a batch's gradient, so it is floored at 10% of the mean
         ts = [torch.maximum(sc, 0.1 * sc.mean(1, keepdim=True)) for sc in ts]
-        per, _, ok = fast_loss(view, xr, yr, m[right], mask_logits[right], [background], (tl, tf, ts, tc),
+        per, _, ok = fast_loss(view, xr, yr, m[ri], mask_logits[ri], [background], (tl, tf, ts, tc),
                                cfg.replace(lambda_min=0.0), metrics)
         loss = loss + per.sum()
         held = ok.float().mean()
@@ -237,5 +241,7 @@ def _train_step(net, view, opt, images, labels, certified, cfg, recipe, metrics,
     opt.step()
     with torch.no_grad():
         area = (mask_logits.detach() > 0).flatten(1).float().mean(1)
-        return {"loss": float(loss) / b, "area": float(area[right].mean()) if bool(right.any()) else 0.0,
-                "wrong_area": float(area[wrong].mean()) if bool(wrong.any()) else 0.0, "held": float(held)}
+        zero = area.new_zeros(())
+        stats = torch.stack([loss.detach() / b, area[ri].mean() if ri_cpu.numel() else zero,
+                             area[wi].mean() if wi_cpu.numel() else zero, held.to(area.dtype)]).tolist()
+        return dict(zip(("loss", "area", "wrong_area", "held"), stats))
