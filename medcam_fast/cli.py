@@ -90,7 +90,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_train_explainer(args) -> int:
-    from .amortised import AmortisedRecipe, explainer_figures, save, train_explainer
+    from .amortised import explainer_figures, save, train_explainer
 
     device = _device(args.device)
     loaded = load_model(args.model, _inputs(args), device)
