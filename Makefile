@@ -8,7 +8,7 @@ OUT    ?= demo_out
 BENCH_JSON := benchmarks/results/json
 DATA   ?= ../shared/data
 
-.PHONY: all venv build test test-suite test-isa demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx bench-speed probe evaluate-tag tune-sufficiency tune-steps demo-explainer evaluate-amortised tag-explainer evaluate-tag-amortised clean
+.PHONY: all venv build test test-suite test-isa demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx bench-speed probe evaluate-tag tune-sufficiency tune-steps demo-explainer evaluate-amortised tag-explainer evaluate-tag-amortised known-evidence-cases known-evidence-suite known-evidence-loco clean
 
 all: test
 
@@ -80,6 +80,20 @@ evaluate-tag-amortised: build
 	  --classifier brain_mri_tag_mobilenetv2 --weights-dir benchmarks/models --n 50 --reference-images 0 \
 	  --sanity-images 0 --judge-steps 0 --methods medcam,amortised,amortised+refine --explainer $(TAG_EXPLAINER) \
 	  --out benchmarks/results/evaluation_brain_mri_tag_amortised
+
+# The known-evidence suite (DATA: brain_mri/ and isic2018/). The cases' classifiers are committed in
+# benchmarks/models; known-evidence-cases retrains any that is missing (and each recipe without its
+# shortcut) and rewrites the oracle facts in their cards. known-evidence-suite: every method on every
+# case, one image per call (benchmarks/results/known_evidence_suite.md); known-evidence-loco: Med-CAM
+# settings chosen on the other cases' val cases, scored on each left-out case's test cases.
+known-evidence-cases: build
+	$(BIN)/python benchmarks/build_known_evidence.py --data $(DATA) --models benchmarks/models
+
+known-evidence-suite: build
+	$(BIN)/python benchmarks/known_evidence_suite.py --data $(DATA) --out benchmarks/results/known_evidence_suite
+
+known-evidence-loco: build
+	$(BIN)/python benchmarks/known_evidence_loco.py --data $(DATA) --out benchmarks/results/known_evidence_loco
 
 # Timing tables on this machine (one torch job at a time: nothing else should run beside them).
 # The brain_mri suites read the data folder DATA (make bench DATA=/path/to/data; passed on as

@@ -12,7 +12,12 @@ Options for classifiers whose behaviour on partial images means something, and f
     --tag-class meningioma  a shortcut classifier: the "L" tag on 90% of meningioma images and 5%
                             of the others (--tag-rate, --tag-other-rate); the card gets the tag's
                             flip rate on the test split (medcam_fast.evaluation.tag_cases)
+    --shortcut ink_arc --shortcut-class MEL
+                            any planted shortcut of medcam_fast.data.shortcuts (tag, ink_arc, text)
+                            on --shortcut-rate of that class's images and --shortcut-other-rate of
+                            the rest; the card gets its flip rate on the test split
     --init W.safetensors    fine-tune from those weights (same architecture) instead of from scratch
+    --arch-args JSON        extra timm.create_model arguments (a small ViT: '{"img_size": 64, ...}')
 
 The best epoch on the val split (clean images) is kept; the test split is scored once, at the end.
 Writes ``<out>.safetensors`` and ``<out>.json`` (the model card: data, split, recipe, metrics,
@@ -38,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from medcam_fast.data import datasets  # noqa: E402
 from medcam_fast.data.preprocess import Preprocess  # noqa: E402
 from medcam_fast.evaluation.masking import RandomMasking  # noqa: E402
-from medcam_fast.evaluation.tag_cases import tagged_like_training  # noqa: E402
+from medcam_fast.data.shortcuts import get_shortcut, plant_like_training  # noqa: E402
 from medcam_fast.zoo.cards import DATASET_FACTS, build_model, card_markdown  # noqa: E402
 
 
@@ -79,17 +84,24 @@ def predict(model, images_u8, mean, std, batch=128) -> torch.Tensor:
 
 
 @torch.no_grad()
-def tag_flips(model, data, mean_t, std_t, tag_class: int, seed: int) -> dict:
-    """The tag's flip rate on the test split: the known-evidence cases' counts."""
-    from medcam_fast.evaluation.tag_cases import brightest, build_tag_cases
-
+def shortcut_flips(model, data, mean_t, std_t, shortcut: str, target: int, seed: int) -> dict:
+    """The shortcut's flip rate on the test split: the known-evidence cases' counts (for the "L" tag,
+    also how many return to their call with its region blanked, :mod:`~medcam_fast.evaluation.tag_cases`)."""
     x_u8, y = data
     x = (x_u8.float() / 255 - mean_t) / std_t
     lesion = torch.zeros(x.shape[0], *x.shape[-2:], dtype=torch.bool)
+    ids = [str(i) for i in range(len(y))]
     model.eval()
-    cases = build_tag_cases(model, x, y, lesion, [str(i) for i in range(len(y))], tag_class,
-                            brightest(mean_t.flatten(), std_t.flatten()), seed=seed)
-    return cases.counts()
+    if shortcut == "tag":
+        from medcam_fast.evaluation.tag_cases import brightest, build_tag_cases
+
+        return build_tag_cases(model, x, y, lesion, ids, target, brightest(mean_t.flatten(), std_t.flatten()),
+                               seed=seed).counts()
+    from medcam_fast.evaluation.cases import build_shortcut_cases
+
+    sc = get_shortcut(shortcut)
+    value = sc.value(x.shape[1], mean_t.flatten(), std_t.flatten())
+    return build_shortcut_cases(model, x, y, lesion, ids, sc, target, value, seed=seed).counts()
 
 
 def scores(pred: torch.Tensor, target: torch.Tensor, k: int) -> dict:
@@ -101,7 +113,8 @@ def scores(pred: torch.Tensor, target: torch.Tensor, k: int) -> dict:
             "recall": recall, "confusion_matrix": cm.tolist(), "n": int(len(target))}
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line (the known-evidence suite's recipes are checked against it)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", choices=sorted(DATASET_FACTS), required=True)
     ap.add_argument("--data", required=True, help="folder of the dataset (with split.csv or labels.csv)")
@@ -124,10 +137,21 @@ def main(argv=None) -> int:
     ap.add_argument("--mask-blob-share", type=float, default=0.75, help="blobs against scattered pixels")
     ap.add_argument("--mask-fills", default="baseline", help="comma list of training fills "
                     "(baseline, image_mean); never a fill the sufficiency tests certify")
-    ap.add_argument("--tag-class", default=None, help="plant the tag on this class (a shortcut classifier)")
+    ap.add_argument("--tag-class", default=None, help="plant the tag on this class (a shortcut classifier); "
+                    "the same as --shortcut tag --shortcut-class C with --tag-rate and --tag-other-rate")
     ap.add_argument("--tag-rate", type=float, default=0.9)
     ap.add_argument("--tag-other-rate", type=float, default=0.05)
+    ap.add_argument("--shortcut", default=None, help="a planted shortcut of medcam_fast.data.shortcuts")
+    ap.add_argument("--shortcut-class", default=None, help="the class whose images carry --shortcut")
+    ap.add_argument("--shortcut-rate", type=float, default=0.5)
+    ap.add_argument("--shortcut-other-rate", type=float, default=0.0)
+    ap.add_argument("--arch-args", default=None, help="JSON dict of extra timm.create_model arguments")
     ap.add_argument("--out", required=True, help="output path without suffix")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -153,6 +177,8 @@ def main(argv=None) -> int:
                                                               if k != "history"}}
     spec = {"arch": args.model, "num_classes": len(class_names), "in_chans": in_chans,
             "input_size": [in_chans, args.size, args.size], "mean": mean, "std": std, "patch_size": args.patchnet}
+    if args.arch_args:
+        spec["arch_args"] = json.loads(args.arch_args)
     model = build_model(spec)
     if args.init:
         from safetensors.torch import load_file
@@ -161,11 +187,22 @@ def main(argv=None) -> int:
     masking = (RandomMasking(args.mask_share, tuple(args.mask_areas), args.mask_blob_share,
                              tuple(f.strip() for f in args.mask_fills.split(",")))
                if args.mask_share > 0 else None)
-    tag_class = None
+    if args.tag_class is not None and args.shortcut is not None:
+        ap.error("--tag-class and --shortcut: choose one")
+    planted = None   # (kind, class name, rate, other rate)
     if args.tag_class is not None:
-        if args.tag_class not in class_names:
-            ap.error(f"--tag-class {args.tag_class!r} is not one of {class_names}")
-        tag_class = class_names.index(args.tag_class)
+        planted = ("tag", args.tag_class, args.tag_rate, args.tag_other_rate)
+    elif args.shortcut is not None:
+        if args.shortcut_class is None:
+            ap.error("--shortcut needs --shortcut-class")
+        planted = (args.shortcut, args.shortcut_class, args.shortcut_rate, args.shortcut_other_rate)
+    target = None
+    if planted is not None:
+        if planted[1] not in class_names:
+            ap.error(f"shortcut class {planted[1]!r} is not one of {class_names}")
+        target = class_names.index(planted[1])
+        shortcut = get_shortcut(planted[0])
+        unit_colour = shortcut.value(in_chans)
     mean_t, std_t = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
 
     steps_per_epoch = math.ceil(len(train_x) / args.batch)
@@ -187,8 +224,8 @@ def main(argv=None) -> int:
         for i in range(steps_per_epoch):
             idx = order[i * args.batch:(i + 1) * args.batch]
             x = augment(train_x[idx], args.size, gen)
-            if tag_class is not None:  # after the geometric augmentation: the glyph stays upright and crisp
-                x = tagged_like_training(x, train_y[idx], tag_class, args.tag_rate, args.tag_other_rate, 1.0, gen)
+            if target is not None:  # after the geometric augmentation: the mark stays upright and crisp
+                x = plant_like_training(x, train_y[idx], shortcut, target, planted[2], planted[3], unit_colour, gen)
             x = (x - mean_t) / std_t
             if masking is not None:
                 x = masking(x, gen)
@@ -213,13 +250,15 @@ def main(argv=None) -> int:
     print(json.dumps({"best_epoch": best[2], **{s: {k: result[s][k] for k in ("accuracy", "balanced_accuracy",
                                                                               "recall")} for s in result}}))
     print("test confusion matrix (rows: true", class_names, "):", result["test"]["confusion_matrix"])
-    tag = None
-    if tag_class is not None:
-        tag = {"class": args.tag_class, "rate": args.tag_rate, "other_rate": args.tag_other_rate,
-               "glyph": "an 'L' of intensity 1, 14% of the image side, stroke 28% of that, within 10% of "
-                        "the border (medcam_fast.data.tags)",
-               "test": tag_flips(model, data["test"], mean_t, std_t, tag_class, args.seed)}
-        print("tag on the test split:", json.dumps(tag["test"]))
+    tag = planted_card = None
+    if planted is not None:
+        flips = shortcut_flips(model, data["test"], mean_t, std_t, planted[0], target, args.seed)
+        planted_card = {"kind": planted[0], "class": planted[1], "rate": planted[2], "other_rate": planted[3],
+                        "description": shortcut.description, "test": flips}
+        if args.tag_class is not None:   # the card key the brain_mri_tag benchmark reads
+            tag = {"class": args.tag_class, "rate": args.tag_rate, "other_rate": args.tag_other_rate,
+                   "glyph": shortcut.description, "test": flips}
+        print(f"{planted[0]} on the test split:", json.dumps(flips))
 
     from safetensors.torch import save_file
 
@@ -244,6 +283,7 @@ def main(argv=None) -> int:
                      "fills_never_trained": ["other images (kept_robust)", "blur (evidence probe)"]},
         "metrics": result,
         "tag": tag,
+        "shortcut": planted_card,
         "previous": previous,
     }
     out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")

@@ -106,3 +106,58 @@ def train_tag_cnn(seed: int = 0, n: int = 1024, epochs: int = 8) -> nn.Module:
             loss.backward()
             opt.step()
     return model.eval()
+
+
+MARK_VALUE = 2.0      # the planted mark's intensity: brighter than anything else in make_two_cue images
+MARK_PIXELS = 24      # mark pixels that make the mark cue 1: about half the "L" tag at 64² (45 px)
+LESION_SIDE = 16
+
+
+def make_two_cue(n: int, size: int = 64, seed: int = 0):
+    """Images for :class:`TwoCueClassifier`: smooth dim backgrounds (|x| < 0.6) each holding one
+    "lesion", a ``LESION_SIDE`` checkerboard of amplitude 0.5 at a random place away from the
+    border (where marks go). Returns x ``[n,1,size,size]`` and lesion masks ``[n,size,size]``."""
+    from medcam_fast.evaluation.masking import blob_scores
+
+    g = torch.Generator().manual_seed(seed)
+    x = (0.25 * blob_scores(n, (size, size), g)).clamp(-0.3, 0.3)[:, None]
+    lesion = torch.zeros(n, size, size, dtype=torch.bool)
+    ii = torch.arange(LESION_SIDE)
+    checker = 0.5 * (1 - 2 * ((ii[:, None] + ii[None, :]) % 2)).float()
+    lo, hi = size // 4, size - size // 4 - LESION_SIDE
+    for i in range(n):
+        r, c = torch.randint(lo, hi + 1, (2,), generator=g).tolist()
+        x[i, 0, r:r + LESION_SIDE, c:c + LESION_SIDE] += checker
+        lesion[i, r:r + LESION_SIDE, c:c + LESION_SIDE] = True
+    return x, lesion
+
+
+class TwoCueClassifier(nn.Module):
+    """A hand-set two-class classifier with a known answer (no training).
+
+    Two cues, each in [0, 1]: ``mark`` (pixels above 1.5, the planted mark of intensity MARK_VALUE,
+    counted: MARK_PIXELS of them make 1, so a blob that grazes the mark does not carry it) and ``lesion`` (period-2 checkerboard texture, which straight edges, blurs and flat
+    fills do not have: a 2x2 [[1,-1],[-1,1]] filter above 1, counted). The class-1 margin is
+    ``8 * mark + 8 * lesion - 12`` when ``needs_lesion`` (the mark flips a lesion image to class 1
+    and is necessary, but alone it is not sufficient), else ``8 * mark - 4`` (the mark alone
+    decides: sufficient and necessary)."""
+
+    def __init__(self, needs_lesion: bool = True):
+        super().__init__()
+        self.needs_lesion = needs_lesion
+        self.checker = nn.Conv2d(1, 1, 2, bias=False)
+        with torch.no_grad():
+            self.checker.weight.copy_(torch.tensor([[[[1.0, -1.0], [-1.0, 1.0]]]]))
+        self.checker.requires_grad_(False)
+        self.head = nn.Linear(2, 2)
+        with torch.no_grad():
+            w = 8.0 if needs_lesion else 0.0
+            self.head.weight.copy_(torch.tensor([[0.0, 0.0], [8.0, w]]))
+            self.head.bias.copy_(torch.tensor([0.0, -12.0 if needs_lesion else -4.0]))
+        self.head.requires_grad_(False)
+
+    def forward(self, x):
+        mark = (2 * F.relu(x - 1.5).sum(dim=(1, 2, 3)) / MARK_PIXELS).clamp(max=1)
+        texture = F.relu(self.checker(x.clamp(-1, 1)).abs() - 1).sum(dim=(1, 2, 3))
+        lesion = (texture / 40).clamp(max=1)
+        return self.head(torch.stack([mark, lesion], 1))

@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 from .. import metrics
+from ..baselines.perturbation import HARNESS_METHODS as PERTURBATION_METHODS
 from ..medcam import Explainer, MedCAMConfig, plain_config, reference_config, sufficiency
 from ..metrics.topk import top_k_mask
+from ..models.passes import PassCounter
 from .masking import blob_scores, fill
 from .sufficiency import SWEEP, area_to_sufficiency, evidence_curve, kept_robust_of_masks, pick_backgrounds
 
@@ -29,8 +31,13 @@ CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "abla
 # masks reported beside every method: the ground truth itself (the oracle: is the known evidence
 # sufficient?) and the trivial ones (Stalder et al. 2022), nothing kept and everything kept
 CONTROL_METHODS = ("ground_truth", "all_zero", "all_one")
-# Med-CAM rows: the per-image fits, and the amortised explainer (EvalOptions.explainer) alone or refined
-MEDCAM_METHODS = ("medcam", "medcam_plain", "medcam_reference", "amortised", "amortised+refine")
+# Med-CAM rows: the per-image fits (TorchRay's three objectives as settings of one fit), and the
+# amortised explainer (EvalOptions.explainer) alone or refined
+MEDCAM_METHODS = ("medcam", "medcam_deletion", "medcam_dual", "medcam_plain", "medcam_reference", "amortised",
+                  "amortised+refine")
+MEDCAM_OBJECTIVES = {"medcam_deletion": "deletion", "medcam_dual": "dual"}
+# saliency maps scored from a map: the CAMs, PatchNet's own, the perturbation baselines
+MAP_METHODS = CAM_METHODS + PATCHNET_METHODS + PERTURBATION_METHODS
 
 
 @dataclass
@@ -59,6 +66,9 @@ class EvalOptions:
     plain: MedCAMConfig = field(default_factory=plain_config)
     explainer: str | None = None    # the amortised explainer (.safetensors) of the amortised rows
     refine: int = 20                # fit steps of the "amortised+refine" row
+    curve_metrics: bool = True      # deletion/insertion AUC, ROAD and the kept_robust audit (off: the
+                                    # sufficiency test, localisation and the controls only)
+    warm_up: bool = False           # one untimed, uncounted call per Med-CAM Explainer first (its trace)
 
 
 def _load_done(path: Path) -> dict:
@@ -74,6 +84,15 @@ def _load_done(path: Path) -> dict:
 def _f(v) -> float:
     v = float(v)
     return v if math.isfinite(v) else float("nan")
+
+
+def _precision_at_area(saliency: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """``[N]``: the share of the map's top pixels at the ground truth's own area that lie on it
+    (NaN where the ground truth is empty)."""
+    area = gt.flatten(1).float().mean(1)
+    top = top_k_mask(saliency.float(), area.double())
+    hit = (top & gt).flatten(1).sum(1).float()
+    return torch.where(area > 0, hit / top.flatten(1).sum(1).float().clamp(min=1), torch.full_like(area, float("nan")))
 
 
 class Evaluation:
@@ -127,13 +146,7 @@ class Evaluation:
         kept = metrics.decision_kept(self.forward, evidence, y)
         judged = self._judge_kept(evidence, y)
         change = metrics.confidence_change(self.forward, x, evidence, y)
-        dele = metrics.deletion(self.forward, x, saliency, y, baseline=self.opt.medcam.baseline)
-        ins = metrics.insertion(self.forward, x, saliency, y)
-        # ROAD: 5 removal levels and a 1e-4 solver tolerance keep it to ~1 s per image at 128x128
-        rd = metrics.road(self.forward, x, saliency, y, percentiles=ROAD_PERCENTILES, tol=1e-4,
-                          generator=torch.Generator().manual_seed(self.opt.seed))
-        bg = self.backgrounds[idx]
-        own_robust = kept_robust_of_masks(self.forward, x, y, mask, bg)       # audit only
+        curves = self._curve_metrics(idx, saliency, mask) if self.opt.curve_metrics else {}
         cfg, fills, need = self.opt.medcam, self.fills.select(idx), self.need[idx]
         use = sufficiency.counted(fills)
         own = sufficiency.run_side(self.forward, x, y, mask[:, None], fills, "preservation")
@@ -153,19 +166,21 @@ class Evaluation:
         # the ranking cut to its own smallest sufficient area (1.0 where none is)
         at_star = top_k_mask(saliency, to_suff.double())
         precision_star = (at_star & gt).flatten(1).sum(1).float() / at_star.flatten(1).sum(1).float()
+        precision_gt_area = _precision_at_area(saliency, gt)
         blob = self._blob_control(idx, area)
         out = []
         for j, i in enumerate(idx):
             r = {
                 "method": method, "id": self.data.ids[i], "label": int(y[j]), "area": _f(area[j]),
-                "kept": bool(kept[j]), "prob_change": _f(change[j]), "deletion_auc": _f(dele.auc[j]),
-                "insertion_auc": _f(ins.auc[j]), "road": _f(rd.combined[j]) if rd.combined.dim() else
-                _f(rd.combined), "hit": _f(metrics.hit_rate(saliency[j:j + 1], gt[j:j + 1])[0]),
+                "kept": bool(kept[j]), "prob_change": _f(change[j]),
+                **{k: _f(v[j]) for k, v in curves.items()},
+                "hit": _f(metrics.hit_rate(saliency[j:j + 1], gt[j:j + 1])[0]),
+                "precision_at_gt_area": _f(precision_gt_area[j]),
                 "iou": _f(metrics.iou(mask[j:j + 1], gt[j:j + 1])[0]),
                 "dice": _f(metrics.dice(mask[j:j + 1], gt[j:j + 1])[0]),
                 "pointing": _f(metrics.pointing_game(saliency[j:j + 1], gt[j:j + 1])[0]),
                 "components": int(metrics.connected_components(mask[j:j + 1])[0]),
-                "kept_robust": _f(own_robust[j]), "area_to_sufficiency": _f(to_suff[j]),
+                "area_to_sufficiency": _f(to_suff[j]),
                 "evidence_curve": [_f(v) for v in curve[j]], "seconds": seconds / len(idx),
                 "sufficient": bool(sufficient[j]), "flipped_when_removed": bool(flipped[j]),
                 "random_pass": _f(ctl.random_pass[j]), "shape_keeps_label": bool(ctl.shape_keeps[j]),
@@ -180,10 +195,23 @@ class Evaluation:
                 les = self.data.gt_lesion[i:i + 1]
                 r["lesion_hit"] = _f(metrics.hit_rate(saliency[j:j + 1], les)[0])
                 r["lesion_iou"] = _f(metrics.iou(mask[j:j + 1], les)[0])
+                r["lesion_precision_at_area"] = _f(_precision_at_area(saliency[j:j + 1], les)[0])
             if extra:
                 r.update({k: v[j] for k, v in extra.items()})
             out.append(r)
         return out
+
+    def _curve_metrics(self, idx, saliency, mask) -> dict:
+        """Deletion and insertion AUC, ROAD and the kept_robust audit ``{name: [n]}``."""
+        x, y = self.data.x[idx], self.label[idx]
+        dele = metrics.deletion(self.forward, x, saliency, y, baseline=self.opt.medcam.baseline)
+        ins = metrics.insertion(self.forward, x, saliency, y)
+        # ROAD: 5 removal levels and a 1e-4 solver tolerance keep it to ~1 s per image at 128x128
+        rd = metrics.road(self.forward, x, saliency, y, percentiles=ROAD_PERCENTILES, tol=1e-4,
+                          generator=torch.Generator().manual_seed(self.opt.seed))
+        road = rd.combined if rd.combined.dim() else rd.combined.expand(len(idx))
+        own_robust = kept_robust_of_masks(self.forward, x, y, mask, self.backgrounds[idx])   # audit only
+        return {"deletion_auc": dele.auc, "insertion_auc": ins.auc, "road": road, "kept_robust": own_robust}
 
     def _judge_kept(self, evidence, y):
         if self.judge is None:
@@ -228,14 +256,18 @@ class Evaluation:
         fast = method != "medcam_reference"
         todo = self._todo(method, None if fast else self.opt.reference_images)
         step = self.opt.batch if fast else 1
+        if todo and self.opt.warm_up:
+            explainer(self.data.x[todo[:1]], target=self.label[todo[:1]], seed=self.opt.seed)
         for s in range(0, len(todo), step):
             idx = todo[s:s + step]
-            t0 = time.perf_counter()
-            res = explainer(self.data.x[idx], target=self.label[idx], seed=self.opt.seed)
-            seconds = time.perf_counter() - t0
+            with PassCounter(self.model) as passes:
+                t0 = time.perf_counter()
+                res = explainer(self.data.x[idx], target=self.label[idx], seed=self.opt.seed)
+                seconds = time.perf_counter() - t0
             extra = {"status": res.status, "mc_random_pass": [float(v) for v in res.random_pass],
                      "prob_null": [float(v) for v in res.prob_null], "steps": [int(v) for v in res.steps],
-                     "mc_null_keeps_label": [bool(v) for v in res.null_keeps_label]}
+                     "mc_null_keeps_label": [bool(v) for v in res.null_keeps_label],
+                     "passes": [passes.images / len(idx)] * len(idx)}
             self._append(self._score(method, idx, res.ranking, res.mask, seconds, extra, own_mask_counts=True))
             if self.progress:
                 self.progress(method, len(idx))
@@ -248,17 +280,25 @@ class Evaluation:
             raise ValueError(f"method {method!r} needs an amortised explainer (EvalOptions.explainer / --explainer)")
         cfg = {"medcam_plain": self.opt.plain, "medcam_reference": self.opt.reference}.get(method, self.opt.medcam)
         cfg = cfg.replace(batch_as_reference=False, n_robust=self.opt.n_robust)
+        if method in MEDCAM_OBJECTIVES:
+            cfg = cfg.replace(objective=MEDCAM_OBJECTIVES[method])
         return Explainer(self.model, cfg, mode=mode, reference=self.data.pool,
                          amortised=self.opt.explainer if amortised else None,
                          refine=self.opt.refine if method == "amortised+refine" else 0)
 
     def map_fn(self, method: str):
-        """``(x, y) -> [n,H,W]`` saliency of a map method: a CAM through grad-cam, or PatchNet's own
-        (``patchnet_smooth``: shifted grids at offset p/4; its cost includes those backbone passes)."""
+        """``(x, y) -> [n,H,W]`` saliency of a map method: a CAM through grad-cam, a perturbation
+        baseline (:mod:`medcam_fast.baselines.perturbation`, the blank at Med-CAM's baseline), or
+        PatchNet's own (``patchnet_smooth``: shifted grids at offset p/4; its cost includes those
+        backbone passes)."""
         if method in CAM_METHODS:
             from ..baselines.gradcam import cam_maps
 
             return lambda x, y: cam_maps(self.model, x, y, method=method)
+        if method in PERTURBATION_METHODS:
+            from ..baselines.perturbation import perturbation_maps
+
+            return lambda x, y: perturbation_maps(self.model, x, y, method, self.opt.medcam.baseline)
         from ..baselines import patchnet_saliency as ps
 
         if method == "patchnet_smooth":
@@ -287,11 +327,13 @@ class Evaluation:
         todo = self._todo(method)
         for s in range(0, len(todo), self.opt.batch):
             idx = todo[s:s + self.opt.batch]
-            t0 = time.perf_counter()
-            maps = fn(self.data.x[idx], self.label[idx])
-            seconds = time.perf_counter() - t0
+            with PassCounter(self.model) as passes:
+                t0 = time.perf_counter()
+                maps = fn(self.data.x[idx], self.label[idx])
+                seconds = time.perf_counter() - t0
             mask = metrics.binarise(maps, threshold)
-            records = self._score(method, idx, maps, mask, seconds, {"threshold": [threshold] * len(idx)})
+            records = self._score(method, idx, maps, mask, seconds, {"threshold": [threshold] * len(idx),
+                                                                     "passes": [passes.images / len(idx)] * len(idx)})
             self._cam_at_medcam_area(method, idx, maps, records)
             self._append(records)
             if self.progress:
@@ -314,7 +356,7 @@ class Evaluation:
         for method in MEDCAM_METHODS:
             if method in methods:
                 self.run_medcam(method)
-        maps = [m for m in methods if m in CAM_METHODS + PATCHNET_METHODS]
+        maps = [m for m in methods if m in MAP_METHODS]
         if maps:
             thresholds = self.thresholds(maps)
             for method in maps:

@@ -259,6 +259,30 @@ class Controls:
     shape_keeps: torch.Tensor
 
 
+def side_passes(res: SideResult, use: torch.Tensor, need, side: str) -> torch.Tensor:
+    """``[N,M]`` bool: the masks that pass ``side``'s test, preservation (:func:`preserved`, by
+    ``need``) or deletion (:func:`flipped`), over the fills in ``use`` ``[N,F]``."""
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    return preserved(res, use, need)[0] if side == "preservation" else flipped(res, use)[0]
+
+
+@torch.no_grad()
+def random_rate(forward, x, label, area: torch.Tensor, fills: FillSet, need, k: int, seed: int,
+                side: str = "preservation", batch_size: int = 64, use: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, SideResult]:
+    """``[N]``: the share of ``k`` random blobs at each image's ``area`` ``[N]`` that pass ``side``'s
+    test (kept alone, or the label lost when they are removed), over ``use`` (default the certified
+    fills); NaN where no fill counts. Also returns the blobs' :class:`SideResult`."""
+    n = x.shape[0]
+    blobs = random_blob_masks(area, k, tuple(x.shape[-2:]), seed)
+    res = run_side(forward, x, label, blobs, fills, side, batch_size)
+    use = counted(fills) if use is None else use
+    ok = side_passes(res, use, need, side)
+    rate = torch.where(use.any(1), ok.float().mean(1), torch.full((n,), float("nan"), device=ok.device))
+    return rate, res
+
+
 @torch.no_grad()
 def controls(forward, x, label, mask, fills: FillSet, need, k: int, seed: int,
              batch_size: int = 64, use: torch.Tensor | None = None) -> Controls:
@@ -266,17 +290,13 @@ def controls(forward, x, label, mask, fills: FillSet, need, k: int, seed: int,
     the same test (over ``use`` ``[N,F]``, default the certified fills), and the shape-only image."""
     n = x.shape[0]
     area = mask.flatten(1).float().mean(1)
-    blobs = random_blob_masks(area, k, tuple(x.shape[-2:]), seed)
-    res = run_side(forward, x, label, blobs, fills, "preservation", batch_size)
-    use = counted(fills) if use is None else use
-    ok, _ = preserved(res, use, need)
+    rp, res = random_rate(forward, x, label, area, fills, need, k, seed, "preservation", batch_size, use)
     need = torch.as_tensor(need, dtype=res.margin.dtype, device=res.margin.device).expand(n)
     by_fill = (res.margin >= need.view(n, 1, 1)).float().mean(1)            # [N,F]
     hi, lo = x.amax(dim=(2, 3), keepdim=True), x.amin(dim=(2, 3), keepdim=True)
     m = mask[:, None].to(x.dtype)
     shape = m * hi + (1 - m) * lo
     shape_margin = margins(batched_logits(forward, shape, batch_size), label)
-    rp = torch.where(use.any(1), ok.float().mean(1), torch.full((n,), float("nan"), device=ok.device))
     return Controls(rp, by_fill, shape_margin >= need)
 
 

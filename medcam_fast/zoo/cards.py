@@ -51,7 +51,7 @@ def build_model(spec: dict) -> torch.nn.Module:
         model.pretrained_cfg = cfg
         return model
     model = timm.create_model(spec["arch"], pretrained=False, num_classes=spec["num_classes"],
-                              in_chans=spec["in_chans"], pretrained_cfg_overlay=cfg)
+                              in_chans=spec["in_chans"], pretrained_cfg_overlay=cfg, **spec.get("arch_args", {}))
     head = model.get_classifier()
     if isinstance(head, torch.nn.Linear):
         # timm's fan-out init gives a 3-way head logits of ~15 at start; begin near uniform instead
@@ -93,6 +93,13 @@ def card_markdown(card: dict) -> str:
                      f"**{c['flipped']} of {c['eligible']}** correctly called images of other classes to "
                      f"{tg['class']} (flip rate {c['flip_rate']:.1%}); {c['restored']} of those return to their "
                      "call when the tag's region is blanked: the known-evidence cases.")
+    sc = card.get("shortcut")
+    if sc and not card.get("tag"):
+        c = sc["test"]
+        lines.append(f"- **Planted shortcut** (`{sc['kind']}`): {sc['description']}, on {sc['rate']:.0%} of "
+                     f"{sc['class']} training images and {sc['other_rate']:.0%} of the others. On the test split it "
+                     f"flips **{c['flipped']} of {c['eligible']}** correctly called images of other classes to "
+                     f"{sc['class']} (flip rate {c['flip_rate']:.1%}).")
     if d.get("citation"):
         lines.append(f"- **Cite:** {d['citation']}")
     lines += [f"- **Licence of the data:** {d['licence']}.", f"- **Caveat:** {d['caveat']}", "",

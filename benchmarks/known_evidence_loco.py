@@ -1,0 +1,110 @@
+"""The leave-one-case-out table of the known-evidence suite: a Med-CAM setting chosen on the val
+cases of the other cases, scored on the left-out case's test cases.
+
+    python benchmarks/known_evidence_loco.py --data ../shared/data \
+        --out benchmarks/results/known_evidence_loco          # `make known-evidence-loco`
+
+Every setting of ``medcam_fast.evaluation.loco.SETTINGS`` runs on ``--n-val`` val cases of every
+case (val split only: this is the tuning); the score is the hit rate (the ranking's maximum on
+the mark), ties broken by precision at the mark's area. Then only the chosen settings run on
+test cases (the same seeded draw of ``--n-test`` as the suite table). Resumable: records stay
+under ``<out>/val/`` and ``<out>/test/``. Writes ``<out>.md`` and ``<out>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from medcam_fast.evaluation import EvalOptions, EvalSet, Evaluation  # noqa: E402
+from medcam_fast.evaluation.loco import SETTINGS, leave_one_case_out, needed_test_runs  # noqa: E402
+from medcam_fast.evaluation.suite import CASES, case_eval_set, get_case, load_case  # noqa: E402
+from medcam_fast.evaluation.suite_report import method_row  # noqa: E402
+from medcam_fast.medcam import MedCAMConfig  # noqa: E402
+
+
+def _slug(setting: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in setting)
+
+
+def score(model, data: EvalSet, out: Path, setting: str, seed: int) -> dict:
+    """Med-CAM with ``setting`` on ``data`` (one image per call): its suite row."""
+    opt = EvalOptions(methods=("medcam",), batch=1, seed=seed, curve_metrics=False, warm_up=True,
+                      medcam=MedCAMConfig(**SETTINGS[setting]))
+    records = Evaluation(model, data, out / _slug(setting), opt).run(("medcam",))
+    return method_row(records)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--models", default=str(ROOT / "benchmarks" / "models"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "known_evidence_loco"))
+    ap.add_argument("--case", action="append", choices=sorted(CASES), help="repeatable; default every case")
+    ap.add_argument("--n-test", type=int, default=40)
+    ap.add_argument("--n-val", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data, out = Path(args.data), Path(args.out)
+    names = args.case or list(CASES)
+    if len(names) < 3:
+        ap.error("leave-one-case-out needs at least 3 cases")
+    t0 = time.time()
+    loaded, val_rows = {}, {s: {} for s in SETTINGS}
+    for name in names:
+        spec = get_case(name)
+        model, prep, class_names, _ = load_case(spec, args.models)
+        ds, test, val = case_eval_set(spec, data / spec.dataset, model, prep, class_names, args.n_test, args.n_val,
+                                      args.seed)
+        val_set = EvalSet(f"{name}_val", val.x, val.ids, val.gt, ds.pool, gt_lesion=val.lesion)
+        loaded[name] = (model, ds)
+        for setting in SETTINGS:
+            print(f"val {name} / {setting}", flush=True)
+            val_rows[setting][name] = score(model, val_set, out / "val" / name, setting, args.seed)
+    val_hit = {s: {c: r["hit"] for c, r in rows.items()} for s, rows in val_rows.items()}
+    val_prec = {s: {c: r["precision_at_gt_area"] for c, r in rows.items()} for s, rows in val_rows.items()}
+    test_rows: dict[str, dict] = {s: {} for s in SETTINGS}
+    for setting, name in sorted(needed_test_runs(val_hit, val_prec)):
+        print(f"test {name} / {setting}", flush=True)
+        model, ds = loaded[name]
+        test_rows[setting][name] = score(model, ds, out / "test" / name, setting, args.seed)
+    test_hit = {s: {c: r["hit"] for c, r in rows.items()} for s, rows in test_rows.items()}
+    rows = leave_one_case_out(val_hit, test_hit, val_prec)
+    command = "python benchmarks/known_evidence_loco.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    lines = ["# Leave-one-case-out: Med-CAM settings chosen on other cases' val cases", "",
+             f"`{command}`; {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads, {datetime.date.today()}, {time.time() - t0:.0f} s. Settings: "
+             + "; ".join(f"**{s}** {v or '(the defaults)'}" for s, v in SETTINGS.items())
+             + f". Chosen by hit rate on {args.n_val} val cases per case (mean over cases; ties: precision at the "
+             f"mark's area), scored on {args.n_test} test cases of the left-out case. One image per call.", "",
+             "## Val hit rate of every setting (the tuning data)", "",
+             "| setting | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for s in SETTINGS:
+        lines.append(f"| {s} | " + " | ".join(f"{100 * val_hit[s][c]:.0f}%" for c in names) + " |")
+    lines += ["", "## Leave-one-case-out", "",
+              "| left-out case | chosen on the others' val | its test hit | all-cases choice | its test hit | "
+              "left-out minus all-cases |", "|---|---|---:|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.case} | {r.chosen} | {100 * r.test:.0f}% | {r.all_cases} | {100 * r.all_cases_test:.0f}% "
+                     f"| {100 * r.gap:+.0f} points |")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"val": val_rows, "test": test_rows,
+                                                    "loco": [r.__dict__ for r in rows]}, indent=1) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
