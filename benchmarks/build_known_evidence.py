@@ -8,8 +8,8 @@ For each case of ``medcam_fast.evaluation.suite.CASES``:
 
 1. ``benchmarks/models/<case>.safetensors`` (+ card) by ``benchmarks/train_classifier.py`` with
    the case's recipe, unless it is there (``--retrain``: train anyway);
-2. ``benchmarks/models/<case>_clean`` the same recipe without the shortcut (its weights stay out
-   of git; its card is kept);
+2. ``benchmarks/models/<case>_clean`` the same recipe without the shortcut, unless its card is
+   there (``--retrain-clean``: train anyway; its weights stay out of git, its card is kept);
 3. the oracle facts (``medcam_fast.evaluation.cases.oracle_facts``, the default MedCAMConfig's
    fills and margins) on every val and test case, written to the card's ``known_evidence``
    section (JSON) and its Markdown card.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import train_classifier  # noqa: E402
 
+from conftest import cpu_model  # noqa: E402
 from medcam_fast.data.shortcuts import area as mark_area, get_shortcut  # noqa: E402
 from medcam_fast.evaluation.cases import oracle_facts  # noqa: E402
 from medcam_fast.evaluation.suite import CASES, get_case, load_case, split_cases  # noqa: E402
@@ -51,14 +51,14 @@ def accuracy(card: dict) -> dict:
     return {"accuracy": t["accuracy"], "balanced_accuracy": t["balanced_accuracy"], "n": t["n"]}
 
 
-def build(name: str, data: Path, models: Path, retrain: bool, threads: int) -> dict:
+def build(name: str, data: Path, models: Path, retrain: bool, retrain_clean: bool, threads: int) -> dict:
     spec = get_case(name)
     root = data / spec.dataset
     out, clean = models / spec.name, models / spec.clean_name
     seconds = {}
     if retrain or not out.with_suffix(".safetensors").is_file():
         seconds["shortcut"] = train(spec.train_argv(root, out) + ["--threads", str(threads)])
-    if retrain or not clean.with_suffix(".json").is_file():
+    if retrain_clean or not clean.with_suffix(".json").is_file():
         seconds["clean"] = train(spec.train_argv(root, clean, with_shortcut=False) + ["--threads", str(threads)])
     torch.set_num_threads(threads)
     model, prep, class_names, card = load_case(spec, models)
@@ -89,7 +89,7 @@ def build(name: str, data: Path, models: Path, retrain: bool, threads: int) -> d
         "cases_rule": "images of other classes called correctly whose call the mark flips to the shortcut's class; "
                       "test cases from the test split, val cases from the val split (disjoint images)",
         "note": spec.note,
-        "built": {"machine": f"{platform.processor() or platform.machine()}, {threads} threads",
+        "built": {"machine": f"{cpu_model()}, {threads} threads",
                   "torch": torch.__version__, "oracle_seconds": round(time.time() - t0, 1),
                   "training_seconds": {k: round(v) for k, v in seconds.items()},
                   "date": time.strftime("%Y-%m-%d")},
@@ -105,6 +105,8 @@ def main(argv=None) -> int:
     ap.add_argument("--case", action="append", choices=sorted(CASES), help="a case (repeatable; default: every one)")
     ap.add_argument("--models", default=str(ROOT / "benchmarks" / "models"))
     ap.add_argument("--retrain", action="store_true", help="train even where the classifier exists")
+    ap.add_argument("--retrain-clean", action="store_true", help="train the recipe without the shortcut even where "
+                    "its card exists")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     data = Path(args.data)
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
         if not (data / get_case(name).dataset).is_dir():
             ap.error(f"no {get_case(name).dataset} data under {data}")
     for name in args.case or sorted(CASES):
-        ke = build(name, data, Path(args.models), args.retrain, args.threads)
+        ke = build(name, data, Path(args.models), args.retrain, args.retrain_clean, args.threads)
         print(json.dumps({"case": name, "clean_accuracy": ke["clean_accuracy"],
                           "test": ke["cases"]["test"]["oracle"]}, indent=1), flush=True)
     return 0

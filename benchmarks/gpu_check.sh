@@ -47,7 +47,7 @@ cp "$OUT/build_info.log" "$OUT/build_info.json"
 # the ONNX IO-binding path (CUDA and the CPU spy)
 MEDCAM_FAST_REQUIRE_OPS=1 MEDCAM_FAST_REQUIRE_CUDA_OPS=1 step tests_cuda 240 \
   $PY -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_build.py tests/test_cuda_pipeline.py \
-  tests/test_onnx.py tests/test_fit_step.py tests/test_amortised.py \
+  tests/test_onnx.py tests/test_fit_step.py tests/test_amortised.py tests/test_known_evidence_suite.py \
   -k "cuda or build or arch or io_binding or providers or clone or autocast or pipeline or sync or graph_break"
 
 step bench_ops 200 $PY -m pytest -q benchmarks/bm_ops.py --bench-devices=cuda -p no:cacheprovider \

@@ -7,15 +7,16 @@ cases of the other cases, scored on the left-out case's test cases.
 Every setting of ``medcam_fast.evaluation.loco.SETTINGS`` runs on ``--n-val`` val cases of every
 case (val split only: this is the tuning); the score is the hit rate (the ranking's maximum on
 the mark), ties broken by precision at the mark's area. Then only the chosen settings run on
-test cases (the same seeded draw of ``--n-test`` as the suite table). Resumable: records stay
-under ``<out>/val/`` and ``<out>/test/``. Writes ``<out>.md`` and ``<out>.json``.
+test cases (the same seeded draw of ``--n-test`` as the suite table); a setting that is one of the
+suite's Med-CAM rows reads the suite's records of the same cases (``--suite-dir``) instead of
+running again. Resumable: records stay under ``<out>/val/`` and ``<out>/test/``. Writes
+``<out>.md`` and ``<out>.json``.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,16 +25,35 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from conftest import cpu_model  # noqa: E402
 from medcam_fast.evaluation import EvalOptions, EvalSet, Evaluation  # noqa: E402
 from medcam_fast.evaluation.loco import SETTINGS, leave_one_case_out, needed_test_runs  # noqa: E402
-from medcam_fast.evaluation.suite import CASES, case_eval_set, get_case, load_case  # noqa: E402
+from medcam_fast.evaluation.suite import (CASES, add_suite_arguments, case_eval_set, get_case,  # noqa: E402
+                                          load_case)
 from medcam_fast.evaluation.suite_report import method_row  # noqa: E402
 from medcam_fast.medcam import MedCAMConfig  # noqa: E402
 
 
+# settings that are rows of the suite table (known_evidence_suite.py): same config, same cases
+SUITE_ROWS = {"preservation": "medcam", "deletion": "medcam_deletion", "dual": "medcam_dual"}
+
+
 def _slug(setting: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in setting)
+
+
+def suite_records(suite_dir: Path | None, case: str, setting: str, ids: list[str]) -> list[dict] | None:
+    """The suite run's records of ``setting`` on exactly the cases ``ids``, or None."""
+    if suite_dir is None or setting not in SUITE_ROWS:
+        return None
+    path = suite_dir / case / "records.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = {r["id"]: r for r in rows if r["method"] == SUITE_ROWS[setting]}
+    return [rows[i] for i in ids] if all(i in rows for i in ids) else None
 
 
 def score(model, data: EvalSet, out: Path, setting: str, seed: int) -> dict:
@@ -46,14 +66,9 @@ def score(model, data: EvalSet, out: Path, setting: str, seed: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--models", default=str(ROOT / "benchmarks" / "models"))
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "known_evidence_loco"))
-    ap.add_argument("--case", action="append", choices=sorted(CASES), help="repeatable; default every case")
-    ap.add_argument("--n-test", type=int, default=40)
-    ap.add_argument("--n-val", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    add_suite_arguments(ap, ROOT, "known_evidence_loco")
+    ap.add_argument("--suite-dir", default=str(ROOT / "benchmarks" / "results" / "known_evidence_suite"),
+                    help="the suite run's records, reused for the settings that are its rows ('' : never)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     data, out = Path(args.data), Path(args.out)
@@ -75,19 +90,27 @@ def main(argv=None) -> int:
     val_hit = {s: {c: r["hit"] for c, r in rows.items()} for s, rows in val_rows.items()}
     val_prec = {s: {c: r["precision_at_gt_area"] for c, r in rows.items()} for s, rows in val_rows.items()}
     test_rows: dict[str, dict] = {s: {} for s in SETTINGS}
+    suite_dir = Path(args.suite_dir) if args.suite_dir else None
+    reused = []
     for setting, name in sorted(needed_test_runs(val_hit, val_prec)):
-        print(f"test {name} / {setting}", flush=True)
         model, ds = loaded[name]
+        records = suite_records(suite_dir, name, setting, ds.ids)
+        if records is not None:
+            reused.append(f"{name} / {setting}")
+            test_rows[setting][name] = method_row(records)
+            continue
+        print(f"test {name} / {setting}", flush=True)
         test_rows[setting][name] = score(model, ds, out / "test" / name, setting, args.seed)
     test_hit = {s: {c: r["hit"] for c, r in rows.items()} for s, rows in test_rows.items()}
     rows = leave_one_case_out(val_hit, test_hit, val_prec)
     command = "python benchmarks/known_evidence_loco.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = ["# Leave-one-case-out: Med-CAM settings chosen on other cases' val cases", "",
-             f"`{command}`; {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+             f"`{command}`; {cpu_model()}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, {datetime.date.today()}, {time.time() - t0:.0f} s. Settings: "
              + "; ".join(f"**{s}** {v or '(the defaults)'}" for s, v in SETTINGS.items())
              + f". Chosen by hit rate on {args.n_val} val cases per case (mean over cases; ties: precision at the "
-             f"mark's area), scored on {args.n_test} test cases of the left-out case. One image per call.", "",
+             f"mark's area), scored on {args.n_test} test cases of the left-out case. One image per call. Test "
+             f"scores read from the suite's records: {', '.join(reused) or 'none'}.", "",
              "## Val hit rate of every setting (the tuning data)", "",
              "| setting | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for s in SETTINGS:

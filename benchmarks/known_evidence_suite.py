@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 import time
 from collections import defaultdict
@@ -27,9 +26,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from conftest import cpu_model  # noqa: E402
 from medcam_fast.evaluation import EvalOptions, Evaluation  # noqa: E402
-from medcam_fast.evaluation.suite import CASES, case_eval_set, get_case, load_case, read_card  # noqa: E402
+from medcam_fast.evaluation.suite import (CASES, add_suite_arguments, case_eval_set, get_case,  # noqa: E402
+                                          load_case, read_card)
 from medcam_fast.evaluation.suite_report import (ROW_NAMES, SUITE_METHODS, method_row, oracle_line,  # noqa: E402
                                                  suite_table)
 
@@ -53,7 +55,7 @@ def run_case(name: str, data: Path, models: Path, out: Path, n_test: int, n_val:
 
 def write(results: dict, out: Path, command: str) -> None:
     lines = ["# The known-evidence suite: every method on every case", "",
-             f"`{command}`; {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+             f"`{command}`; {cpu_model()}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, {datetime.date.today()}. One image per call; the test cases of each "
              "case are a seeded draw of its test-split cases; CAM thresholds tuned on its val cases (val split).", "",
              "## The cases and their oracle facts (all test cases of each case, from its card)", "",
@@ -83,15 +85,8 @@ def write(results: dict, out: Path, command: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--models", default=str(ROOT / "benchmarks" / "models"))
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "known_evidence_suite"))
-    ap.add_argument("--case", action="append", choices=sorted(CASES), help="repeatable; default every case")
+    add_suite_arguments(ap, ROOT, "known_evidence_suite")
     ap.add_argument("--methods", default=",".join(SUITE_METHODS), help=f"comma list (rows: {', '.join(ROW_NAMES)})")
-    ap.add_argument("--n-test", type=int, default=40)
-    ap.add_argument("--n-val", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     data, out = Path(args.data), Path(args.out)

@@ -20,6 +20,7 @@ from medcam_fast.evaluation.suite import CASES, get_case, split_cases
 from medcam_fast.evaluation.suite_report import case_card_markdown, method_row, suite_table
 from medcam_fast.models.passes import PassCounter, head_module
 
+from _testing import devices
 from planted import MARK_VALUE, TwoCueClassifier, make_two_cue
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,14 +105,17 @@ def test_acting_sides_needs_a_quiet_random_control():
     assert acting_sides({**base, "sufficient_alone": 0.4, "random_necessary": 0.05}) == ["necessary"]
 
 
+@pytest.mark.parametrize("device", devices, ids=str)
 @pytest.mark.parametrize("method", HARNESS_METHODS)
-def test_perturbation_baselines_hit_the_known_evidence(method):
+def test_perturbation_baselines_hit_the_known_evidence(method, device):
     """A classifier that reads only the mark: every baseline's maximum lies on it."""
     model, cases = _two_cue_cases(needs_lesion=False, n=4)
+    model, x = model.to(device), cases.x.to(device)
     opts = {"n_masks": 400} if method.startswith("rise") else {}
-    maps = perturbation_maps(model, cases.x, cases.call, method, **opts)
+    maps = perturbation_maps(model, x, cases.call.to(device), method, **opts)
     assert maps.shape == (4, 64, 64) and maps.dtype == torch.float32 and torch.isfinite(maps).all()
-    assert metrics.hit_rate(maps, cases.gt).tolist() == [1.0] * 4
+    assert maps.device == x.device
+    assert metrics.hit_rate(maps.cpu(), cases.gt).tolist() == [1.0] * 4
 
 
 def test_occlusion_counts_its_windows_and_restores_the_model():

@@ -18,7 +18,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from ..data.shortcuts import get_shortcut
 from .cases import ShortcutCases, build_shortcut_cases
@@ -89,9 +88,8 @@ def register_case(spec: CaseSpec) -> CaseSpec:
 
 
 register_case(CaseSpec("brain_mri_tag_mobilenetv2_050", "brain_mri", "mobilenetv2_050", 64, "tag", "meningioma"))
-register_case(CaseSpec("isic2018_ink_resnet10t", "isic2018", "resnet10t", 96, "ink_arc", "MEL", epochs=60,
-                       balanced=True))
-register_case(CaseSpec("brain_mri_text_convnext_atto", "brain_mri", "convnext_atto", 64, "text", "pituitary"))
+register_case(CaseSpec("isic2018_ink_resnet10t", "isic2018", "resnet10t", 128, "ink_arc", "MEL", epochs=60))
+register_case(CaseSpec("brain_mri_text_convnext_atto", "brain_mri", "convnext_atto", 64, "text", "meningioma"))
 register_case(CaseSpec("brain_mri_text_vit", "brain_mri", "vit_tiny_patch16_224", 64, "text", "meningioma",
                        arch_args='{"img_size": 64, "patch_size": 8, "depth": 6}'))
 # the tag benchmark's classifier (issue 15): trained on masked images, the defaults were tuned on its val cases
@@ -153,6 +151,20 @@ def case_eval_set(spec: CaseSpec, root, model, prep, class_names, n_test: int | 
     return data, test, val
 
 
+def add_suite_arguments(ap, root: Path, out_name: str) -> None:
+    """The options the suite's scripts share (an ``argparse`` parser, the checkout ``root``):
+    the data and models folders, ``--out`` (default ``benchmarks/results/<out_name>``), the cases,
+    how many test and val cases, the seed and the threads."""
+    ap.add_argument("--data", default=str(root.parent / "shared" / "data"), help="holds brain_mri/ and isic2018/")
+    ap.add_argument("--models", default=str(root / "benchmarks" / "models"))
+    ap.add_argument("--out", default=str(root / "benchmarks" / "results" / out_name))
+    ap.add_argument("--case", action="append", choices=sorted(CASES), help="repeatable; default every case")
+    ap.add_argument("--n-test", type=int, default=40, help="test cases per case (a seeded draw)")
+    ap.add_argument("--n-val", type=int, default=16, help="val cases per case (a seeded draw)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+
+
 def read_card(spec: CaseSpec, weights_dir) -> dict:
     """A case classifier's card (JSON), with its ``known_evidence`` section when built."""
     path = Path(weights_dir) / f"{spec.name}.json"
@@ -161,5 +173,5 @@ def read_card(spec: CaseSpec, weights_dir) -> dict:
     return json.loads(path.read_text())
 
 
-__all__ = ["CASES", "CaseSpec", "SPLIT_SEEDS", "case_eval_set", "get_case", "load_case", "read_card",
+__all__ = ["CASES", "CaseSpec", "SPLIT_SEEDS", "add_suite_arguments", "case_eval_set", "get_case", "load_case", "read_card",
            "register_case", "split_cases", "subset"]

@@ -87,8 +87,7 @@ def method_row(records: list[dict]) -> dict:
         "area": _mean(r["area"] for r in records) if binary else None,
         "ok": statuses.count("ok") / len(statuses) if statuses else None,
         "statuses": {s: statuses.count(s) for s in sorted(set(statuses))} if statuses else None,
-        "random_pass": _mean(r.get("mc_random_pass", [None])[0] if isinstance(r.get("mc_random_pass"), list)
-                             else r.get("mc_random_pass") for r in records) if binary else None,
+        "random_pass": _mean(r.get("mc_random_pass") for r in records) if binary else None,
         "passes": _mean(r.get("passes") for r in records),
         "seconds": _mean(r["seconds"] for r in records),
     }
