@@ -66,7 +66,7 @@ def score(model, data: EvalSet, out: Path, setting: str, seed: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_suite_arguments(ap, ROOT, "known_evidence_loco")
+    add_suite_arguments(ap, ROOT, "known_evidence_loco", n_val=12)
     ap.add_argument("--suite-dir", default=str(ROOT / "benchmarks" / "results" / "known_evidence_suite"),
                     help="the suite run's records, reused for the settings that are its rows ('' : never)")
     args = ap.parse_args(argv)

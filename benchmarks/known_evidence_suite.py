@@ -85,7 +85,7 @@ def write(results: dict, out: Path, command: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_suite_arguments(ap, ROOT, "known_evidence_suite")
+    add_suite_arguments(ap, ROOT, "known_evidence_suite", n_val=8)
     ap.add_argument("--methods", default=",".join(SUITE_METHODS), help=f"comma list (rows: {', '.join(ROW_NAMES)})")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

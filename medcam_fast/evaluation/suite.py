@@ -151,7 +151,7 @@ def case_eval_set(spec: CaseSpec, root, model, prep, class_names, n_test: int | 
     return data, test, val
 
 
-def add_suite_arguments(ap, root: Path, out_name: str) -> None:
+def add_suite_arguments(ap, root: Path, out_name: str, n_val: int = 16) -> None:
     """The options the suite's scripts share (an ``argparse`` parser, the checkout ``root``):
     the data and models folders, ``--out`` (default ``benchmarks/results/<out_name>``), the cases,
     how many test and val cases, the seed and the threads."""
@@ -160,7 +160,7 @@ def add_suite_arguments(ap, root: Path, out_name: str) -> None:
     ap.add_argument("--out", default=str(root / "benchmarks" / "results" / out_name))
     ap.add_argument("--case", action="append", choices=sorted(CASES), help="repeatable; default every case")
     ap.add_argument("--n-test", type=int, default=40, help="test cases per case (a seeded draw)")
-    ap.add_argument("--n-val", type=int, default=16, help="val cases per case (a seeded draw)")
+    ap.add_argument("--n-val", type=int, default=n_val, help="val cases per case (a seeded draw)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
 
