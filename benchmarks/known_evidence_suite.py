@@ -44,13 +44,14 @@ def run_case(name: str, data: Path, models: Path, out: Path, n_test: int, n_val:
     t0 = time.time()
     ev = Evaluation(model, ds, out / name, opt,
                     progress=lambda m, k: print(f"  {name} {m} +{k}", flush=True))
+    resumed = sum(1 for (m, i) in ev.done if m in methods and i in set(ds.ids))
     records = ev.run(opt.methods)
     by_method = defaultdict(list)
     for r in records:
         by_method[r["method"]].append(r)
     return {"rows": {m: method_row(by_method[m]) for m in methods if by_method.get(m)},
             "scored": len(ds.ids), "test_cases": test.counts(), "val_cases": len(val.ids),
-            "seconds": round(time.time() - t0), "card": card.get("known_evidence")}
+            "seconds": round(time.time() - t0), "resumed": resumed, "card": card.get("known_evidence")}
 
 
 def write(results: dict, out: Path, command: str) -> None:
@@ -77,8 +78,10 @@ def write(results: dict, out: Path, command: str) -> None:
               "Med-CAM's own verdict and its random-blob control; passes: classifier passes per image (counted at "
               "the head; scoring not included); seconds per image, one image per call.", "",
               suite_table({n: r["rows"] for n, r in results.items()}), "",
-              "Run time per case (all methods, scoring included): "
-              + ", ".join(f"{n} {r['seconds']} s ({r['scored']} cases)" for n, r in results.items()) + "."]
+              "Run time per case in this process (all methods, scoring included): "
+              + ", ".join(f"{n} {r['seconds']} s ({r['scored']} cases" + (
+                  f"; {r['resumed']} records read back from an earlier, interrupted process, their time not "
+                  "included" if r.get("resumed") else "") + ")" for n, r in results.items()) + "."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
 
