@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .amortised.training import AmortisedRecipe
+from .medcam.necessary import NECESSARY_SOURCES
 from .models.loading import InputOptions, load_model
 
 
@@ -40,10 +41,15 @@ def _inputs(args) -> InputOptions:
     return InputOptions(args.size, args.mean, args.std, getattr(args, "classes", None))
 
 
-def _config(steps: int | None):
+NECESSARY_CHOICES = (*sorted(NECESSARY_SOURCES), "off")
+
+
+def _config(steps: int | None, necessary: str | None = None):
     from .medcam import MedCAMConfig
 
     cfg = MedCAMConfig()
+    if necessary is not None:   # "off": the sufficient side only
+        cfg = cfg.replace(necessary=None if necessary == "off" else necessary)
     if steps is not None:
         if steps < 1:
             raise ValueError(f"--steps must be >= 1, got {steps}")
@@ -84,9 +90,10 @@ def cmd_explain(args) -> int:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     if args.refine and not args.explainer:
         raise ValueError("--refine warm-starts from an amortised explainer: give --explainer PATH")
-    return explain_to_report(loaded, items, failures, Path(args.out), _config(args.steps), device, args.seed,
-                       batch=args.batch, target=args.target, title=f"medcam-fast: {loaded.description}",
-                       notes=list(loaded.notes), command=args.argv, amortised=args.explainer, refine=args.refine)
+    return explain_to_report(loaded, items, failures, Path(args.out), _config(args.steps, args.necessary), device,
+                             args.seed, batch=args.batch, target=args.target,
+                             title=f"medcam-fast: {loaded.description}", notes=list(loaded.notes),
+                             command=args.argv, amortised=args.explainer, refine=args.refine)
 
 
 def cmd_train_explainer(args) -> int:
@@ -290,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an amortised explainer (.safetensors from train-explainer): masks in one pass, same checks")
     p.add_argument("--refine", type=int, default=0, metavar="K", help="with --explainer: K per-image fit steps "
                    "warm-started from its masks (default 0)")
+    p.add_argument("--necessary", choices=NECESSARY_CHOICES, default=None,
+                   help="the necessary side (the region whose removal changes the call): its ranking's source "
+                        "(medcam_fast.medcam.necessary), or off (default: MedCAMConfig.necessary)")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("train-explainer", help="train an amortised explainer for a classifier over a data set")

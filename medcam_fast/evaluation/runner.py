@@ -33,9 +33,11 @@ CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "abla
 CONTROL_METHODS = ("ground_truth", "all_zero", "all_one")
 # Med-CAM rows: the per-image fits (TorchRay's three objectives as settings of one fit), and the
 # amortised explainer (EvalOptions.explainer) alone or refined
-MEDCAM_METHODS = ("medcam", "medcam_deletion", "medcam_dual", "medcam_plain", "medcam_reference", "amortised",
-                  "amortised+refine")
-MEDCAM_OBJECTIVES = {"medcam_deletion": "deletion", "medcam_dual": "dual"}
+MEDCAM_METHODS = ("medcam", "medcam_deletion", "medcam_dual", "medcam_two_sided", "medcam_plain", "medcam_reference",
+                  "amortised", "amortised+refine")
+# rows that are settings of the default fit (MedCAMConfig overrides)
+MEDCAM_SETTINGS = {"medcam_deletion": {"objective": "deletion"}, "medcam_dual": {"objective": "dual"},
+                   "medcam_two_sided": {"necessary": "fit"}}
 # saliency maps scored from a map: the CAMs, PatchNet's own, the perturbation baselines
 MAP_METHODS = CAM_METHODS + PATCHNET_METHODS + PERTURBATION_METHODS
 
@@ -268,9 +270,27 @@ class Evaluation:
                      "prob_null": [float(v) for v in res.prob_null], "steps": [int(v) for v in res.steps],
                      "mc_null_keeps_label": [bool(v) for v in res.null_keeps_label],
                      "passes": [passes.images / len(idx)] * len(idx)}
+            if res.two_sided:
+                extra.update(self._necessary_extra(res, idx))
             self._append(self._score(method, idx, res.ranking, res.mask, seconds, extra, own_mask_counts=True))
             if self.progress:
                 self.progress(method, len(idx))
+
+    def _necessary_extra(self, res, idx) -> dict:
+        """The necessary side of Med-CAM's records: its status, area and random control, and its
+        ranking and mask scored against the ground truth (and the lesion) like the main ones."""
+        gt, ranking, mask = self.data.gt[idx], res.necessary_ranking, res.necessary_mask
+        overlap = (mask & gt).flatten(1).sum(1).float()
+        out = {"necessary_status": list(res.necessary_status),
+               "necessary_area": res.necessary_area.tolist(),
+               "necessary_random_pass": [_f(v) for v in res.necessary_random_pass],
+               "necessary_flipped": [bool(v) for v in res.necessary_flipped],
+               "necessary_hit": metrics.hit_rate(ranking, gt).tolist(),
+               "necessary_precision_at_gt_area": [_f(v) for v in _precision_at_area(ranking, gt)],
+               "necessary_precision": [_f(v) for v in overlap / mask.flatten(1).sum(1).float()]}
+        if self.data.gt_lesion is not None:
+            out["necessary_lesion_hit"] = metrics.hit_rate(ranking, self.data.gt_lesion[idx]).tolist()
+        return out
 
     def medcam_explainer(self, method: str) -> Explainer:
         """The :class:`Explainer` of one of :data:`MEDCAM_METHODS` in this run."""
@@ -280,8 +300,7 @@ class Evaluation:
             raise ValueError(f"method {method!r} needs an amortised explainer (EvalOptions.explainer / --explainer)")
         cfg = {"medcam_plain": self.opt.plain, "medcam_reference": self.opt.reference}.get(method, self.opt.medcam)
         cfg = cfg.replace(batch_as_reference=False, n_robust=self.opt.n_robust)
-        if method in MEDCAM_OBJECTIVES:
-            cfg = cfg.replace(objective=MEDCAM_OBJECTIVES[method])
+        cfg = cfg.replace(**MEDCAM_SETTINGS.get(method, {}))
         return Explainer(self.model, cfg, mode=mode, reference=self.data.pool,
                          amortised=self.opt.explainer if amortised else None,
                          refine=self.opt.refine if method == "amortised+refine" else 0)

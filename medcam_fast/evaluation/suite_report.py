@@ -10,10 +10,11 @@ from ..zoo.cards import card_markdown
 # the suite table's rows, in order: perturbation baselines, CAMs, Med-CAM's three objectives
 SUITE_METHODS = ("occlusion_blank", "occlusion_blur", "rise_blank", "rise_blur", "ig_blank", "ig_blur",
                  "gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "ablationcam",
-                 "medcam", "medcam_deletion", "medcam_dual")
-BINARY_METHODS = ("medcam", "medcam_deletion", "medcam_dual")
+                 "medcam", "medcam_deletion", "medcam_dual", "medcam_two_sided")
+BINARY_METHODS = ("medcam", "medcam_deletion", "medcam_dual", "medcam_two_sided")
 ROW_NAMES = {"medcam": "Med-CAM preservation (default)", "medcam_deletion": "Med-CAM deletion",
-             "medcam_dual": "Med-CAM dual", "occlusion_blank": "occlusion, blank fill",
+             "medcam_dual": "Med-CAM dual", "medcam_two_sided": "Med-CAM two-sided, sufficient side",
+             "medcam_two_sided/necessary": "Med-CAM two-sided, necessary side", "occlusion_blank": "occlusion, blank fill",
              "occlusion_blur": "occlusion, blur_fine fill", "rise_blank": "RISE, blank fill",
              "rise_blur": "RISE, blur_fine fill", "ig_blank": "integrated gradients, from blank",
              "ig_blur": "integrated gradients, from blur_fine"}
@@ -74,10 +75,11 @@ def _mean(values) -> float:
 
 
 def method_row(records: list[dict]) -> dict:
-    """Suite figures of one method on one case from its harness records."""
+    """Suite figures of one method on one case from its harness records; a two-sided Med-CAM's
+    necessary side under ``"necessary"`` (the same figures, from its own ranking and mask)."""
     binary = records[0]["method"] in BINARY_METHODS
     statuses = [r.get("status") for r in records if r.get("status")]
-    return {
+    row = {
         "n": len(records),
         "hit": _mean(r["hit"] for r in records),
         "precision_at_gt_area": _mean(r["precision_at_gt_area"] for r in records),
@@ -91,6 +93,18 @@ def method_row(records: list[dict]) -> dict:
         "passes": _mean(r.get("passes") for r in records),
         "seconds": _mean(r["seconds"] for r in records),
     }
+    if all("necessary_status" in r for r in records):
+        nec = [r["necessary_status"] for r in records]
+        row["necessary"] = {
+            **row, "hit": _mean(r["necessary_hit"] for r in records),
+            "precision_at_gt_area": _mean(r["necessary_precision_at_gt_area"] for r in records),
+            "lesion_hit": _mean(r.get("necessary_lesion_hit") for r in records),
+            "lesion_precision_at_area": float("nan"),
+            "mask_precision": _mean(r["necessary_precision"] for r in records),
+            "area": _mean(r["necessary_area"] for r in records), "ok": nec.count("ok") / len(nec),
+            "statuses": {s: nec.count(s) for s in sorted(set(nec))},
+            "random_pass": _mean(r["necessary_random_pass"] for r in records)}
+    return row
 
 
 def suite_table(rows: dict[str, dict[str, dict]]) -> str:
@@ -99,10 +113,10 @@ def suite_table(rows: dict[str, dict[str, dict]]) -> str:
             "mask area | status ok | random_pass | passes / image | s / image |")
     lines = [head, "|---|---|" + "---:|" * 10]
     for case, methods in rows.items():
-        for m in SUITE_METHODS:
-            r = methods.get(m)
-            if r is None:
-                continue
+        sided = [(m, methods.get(m)) for m in SUITE_METHODS]
+        sided = [pair for m, r in sided if r is not None
+                 for pair in [(m, r)] + ([(m + "/necessary", r["necessary"])] if "necessary" in r else [])]
+        for m, r in sided:
             name = ROW_NAMES.get(m, m)
             lines.append(f"| {case} | {name} | {_pct(r['hit'])} | {_num(r['precision_at_gt_area'])} | "
                          f"{_pct(r['lesion_hit'])} | {_num(r['lesion_precision_at_area'])} | "

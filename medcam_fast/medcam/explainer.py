@@ -19,6 +19,7 @@ from .step import resolve_compile
 from .unet import resolve_channels_last
 from .result import Explanation
 from . import sufficiency
+from .necessary import get_necessary_source, verify_necessary
 from .verify import batched_logits, candidate_masks, choose, kept_robust_of_masks, status_of
 
 MIN_SIDE = 8
@@ -227,6 +228,13 @@ class Explainer:
             need = sufficiency.required_margin(sufficiency.margins(logits_x.detach(), label), cfg.keep_margin,
                                                cfg.keep_share)
             verdict = self._verify(x, label, logits.detach(), fills, pool, need, seed)
+            necessary = None
+            if cfg.necessary is not None:
+                ctx = {"x": x, "label": label, "logits_x": logits_x, "feats_x": feats_x, "pool": pool,
+                       "fills": fills, "seed": seed, "step_clf": step_clf, "sufficient_logits": logits.detach()}
+                ranking = get_necessary_source(cfg.necessary)(self, ctx).detach()
+                necessary = verify_necessary(self._frozen_forward, x, label, ranking, fills, cfg, seed)
+                necessary["ranking"] = ranking[:, 0]
         statuses, reasons = [], []
         for i in range(n):
             s, r = status_of(bool(verdict["sufficient"][i]), bool(verdict["testable"][i]),
@@ -241,6 +249,10 @@ class Explainer:
         mf = verdict["mask"][:, None].to(x.dtype)
         evidence = mf * x + (1 - mf) * cfg.baseline
         cpu = {k: v.cpu() for k, v in verdict.items() if torch.is_tensor(v) and k != "use"}
+        two = {}
+        if necessary is not None:
+            two = {f"necessary_{k}": v.cpu() if torch.is_tensor(v) else v for k, v in necessary.items()
+                   if k not in ("use", "testable")}
         return Explanation(
             mask=cpu["mask"], soft_mask=soft[:, 0].detach().cpu(), evidence=evidence.detach().cpu(),
             label=label.cpu(), prob_input=prob_input.cpu(), prob_evidence=cpu["prob_evidence"],
@@ -253,7 +265,8 @@ class Explainer:
             a_star=cpu["a_star"], curve_areas=tuple(cfg.area_grid), evidence_curve=cpu["curve"],
             certified_fills=[fills.described(i, verdict["use"]) for i in range(n)],
             ranking=logits[:, 0].detach().cpu(),
-            source="fit" if self.amortised is None else "amortised+refine" if refine else "amortised")
+            source="fit" if self.amortised is None else "amortised+refine" if refine else "amortised",
+            n_random=cfg.n_random, **two)
 
     def _verify(self, x, label, mask_logits, fills, pool, need, seed) -> dict:
         """The test of :mod:`.sufficiency` on every candidate, the choice, and the chosen mask's

@@ -42,6 +42,15 @@ class Explanation:
             are sufficient (NaN: none is); evidence_curve: float ``[N,A]``, worst-case p(label)
             under the certified fills against ``curve_areas`` (NaN where none is certified).
         certified_fills: per image, the fills that counted.
+        necessary_*: the necessary side (``config.necessary``; None or [] when it is off): the
+            smallest region whose removal loses the call under every certified fill.
+            necessary_mask bool ``[N,H,W]``; necessary_ranking ``[N,H,W]`` its logits;
+            necessary_area, necessary_prob_removed (highest p(label) with it removed),
+            necessary_random_pass (share of random regions of its area whose removal loses the
+            call too), necessary_a_star ``[N]``; necessary_flipped bool ``[N]``;
+            necessary_new_label long ``[N]`` (the call without it); necessary_curve ``[N,A]``;
+            necessary_status ("ok", "null_keeps_label", "not_flipped", "not_informative",
+            "not_minimal"), necessary_reason, necessary_selection: per image.
         source: where the mask logits came from: "fit" (the per-image fit), "amortised" (one pass
             of an amortised explainer) or "amortised+refine" (warm-started fit steps).
     """
@@ -76,6 +85,52 @@ class Explanation:
     certified_fills: list[str] = field(default_factory=list)
     ranking: torch.Tensor | None = None
     source: str = "fit"
+    necessary_mask: torch.Tensor | None = None
+    necessary_ranking: torch.Tensor | None = None
+    necessary_area: torch.Tensor | None = None
+    necessary_flipped: torch.Tensor | None = None
+    necessary_prob_removed: torch.Tensor | None = None
+    necessary_new_label: torch.Tensor | None = None
+    necessary_random_pass: torch.Tensor | None = None
+    necessary_a_star: torch.Tensor | None = None
+    necessary_curve: torch.Tensor | None = None
+    necessary_status: list[str] = field(default_factory=list)
+    necessary_reason: list[str] = field(default_factory=list)
+    necessary_selection: list[str] = field(default_factory=list)
+    n_random: int = 0
+
+    @property
+    def two_sided(self) -> bool:
+        """Whether the necessary side was computed."""
+        return self.necessary_mask is not None
+
+    def headline(self, i: int, class_names=None) -> str:
+        """Image ``i``'s result in one or two sentences a clinician reads: which side carries
+        evidence, with its area and its random control."""
+        def name(c):
+            return class_names[int(c)] if class_names else f"class {int(c)}"
+
+        def draws(rate):
+            return f"{round(float(rate) * self.n_random)} of {self.n_random} draws" if self.n_random else f"{rate:.0%}"
+
+        call = name(self.label[i])
+        parts = []
+        if self.two_sided and self.necessary_status[i] == "ok":
+            parts.append(f"Removing this region ({float(self.necessary_area[i]):.1%} of the image) changes the call "
+                         f"from {call} to {name(self.necessary_new_label[i])}; random regions of that size do so in "
+                         f"{draws(self.necessary_random_pass[i])}.")
+        if self.status[i] == "ok":
+            rp = self.random_pass[i] if self.random_pass is not None else float("nan")
+            parts.append(f"This region alone ({float(self.area[i]):.1%} of the image) keeps the call {call}; random "
+                         f"regions of that size do so in {draws(rp)}.")
+        if parts:
+            return " ".join(parts)
+        if self.status[i] == "null_keeps_label":
+            return (f"No evidence can be shown for {call}: every fill of the image alone already gives it, so "
+                    "neither keeping nor removing pixels can be told from the fill.")
+        sides = "neither the region it keeps nor one it removes" if self.two_sided else "no region it keeps"
+        return (f"No evidence passes the checks for {call}: {sides} could be told from random regions "
+                f"({self.status[i]}" + (f", {self.necessary_status[i]}" if self.two_sided else "") + ").")
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -146,7 +201,23 @@ class Explanation:
                 "steps": int(self.steps[i]),
                 "source": self.source,
                 "seconds": self.seconds / max(len(self), 1),
+                "headline": self.headline(i, class_names),
             })
+            if self.two_sided:
+                new = int(self.necessary_new_label[i])
+                out[-1].update({
+                    "necessary_status": self.necessary_status[i],
+                    "necessary_reason": self.necessary_reason[i],
+                    "necessary_selection": self.necessary_selection[i],
+                    "necessary_area": float(self.necessary_area[i]),
+                    "necessary_flipped": bool(self.necessary_flipped[i]),
+                    "necessary_prob_removed": float(self.necessary_prob_removed[i]),
+                    "necessary_new_label": new,
+                    "necessary_new_class_name": class_names[new] if class_names else str(new),
+                    "necessary_random_pass": float(self.necessary_random_pass[i]),
+                    "necessary_a_star": float(self.necessary_a_star[i]),
+                    "necessary_curve": [float(v) for v in self.necessary_curve[i]],
+                })
         return out
 
 

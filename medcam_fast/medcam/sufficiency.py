@@ -162,10 +162,11 @@ def certify(forward, x: torch.Tensor, label: torch.Tensor, names, baseline: floa
 @dataclass
 class SideResult:
     """One side of the test for masks ``[N,M]``: per fill margins ``[N,M,F]`` (F = the certified
-    set's fills, then the mask-dependent ones), and p(label) ``[N,M,F]``."""
+    set's fills, then the mask-dependent ones), p(label) ``[N,M,F]`` and the top-1 class ``[N,M,F]``."""
 
     margin: torch.Tensor
     prob: torch.Tensor
+    top1: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -187,7 +188,8 @@ def run_side(forward, x, label, masks, fills: FillSet, side: str = "preservation
     f = comp.shape[2]
     logits = batched_logits(forward, comp.flatten(0, 2), batch_size).view(n, m_count, f, -1)
     lab = label.view(n, 1, 1)
-    return SideResult(margins(logits, lab), logits.softmax(-1).gather(-1, lab.expand(n, m_count, f)[..., None])[..., 0])
+    return SideResult(margins(logits, lab), logits.softmax(-1).gather(-1, lab.expand(n, m_count, f)[..., None])[..., 0],
+                      logits.argmax(-1))
 
 
 def counted(fills: FillSet, extra_ok: torch.Tensor | None = None) -> torch.Tensor:
@@ -226,11 +228,17 @@ def preserved(res: SideResult, use: torch.Tensor, need) -> tuple[torch.Tensor, t
     return (worst >= need) & ~none, torch.where(none, torch.full_like(prob, float("nan")), prob)
 
 
+def best_margin(res: SideResult, use: torch.Tensor) -> torch.Tensor:
+    """``[N,M]``: the highest margin over the fills in ``use`` ``[N,F]`` (-inf where none counts)."""
+    u = use[:, None].expand_as(res.margin)
+    return torch.where(u, res.margin, torch.full_like(res.margin, float("-inf"))).amax(-1)
+
+
 def flipped(res: SideResult, use: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(flipped ``[N,M]``, highest p(label) ``[N,M]``) with the mask removed: the label lost under
     every fill in ``use``. False (NaN) where none counts."""
     u = use[:, None].expand_as(res.margin)
-    best = torch.where(u, res.margin, torch.full_like(res.margin, float("-inf"))).amax(-1)
+    best = best_margin(res, use)
     prob = torch.where(u, res.prob, torch.full_like(res.prob, float("-inf"))).amax(-1)
     none = ~use.any(1)[:, None].expand_as(best)
     return (best < 0) & ~none, torch.where(none, torch.full_like(prob, float("nan")), prob)

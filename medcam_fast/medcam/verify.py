@@ -139,26 +139,55 @@ def choose(masks, names, meets: torch.Tensor, score: torch.Tensor, testable: tor
     return torch.tensor(chosen, device=masks.device), notes
 
 
-def status_of(sufficient: bool, testable: bool, random_pass: float, area: float, cfg,
-              fills_alone: str = "", certified: str = "") -> tuple[str, str]:
-    """The status rules, in order:
+# each side's words for the same rules: (name of the failed test, its reason, the null reason, the
+# random control's reason, the ok reason); {certified}, {fills_alone}, {rate}, {bound} filled in
+_SIDE_WORDS = {
+    "sufficient": ("not_kept", "the label is not kept by the required margin under every certified fill ({certified})",
+                   "every fill alone ({fills_alone}) already gives this label: preservation cannot show evidence for "
+                   "this class on this classifier",
+                   "random blobs of this area pass the same test too ({rate:.0%} > {bound:.0%}): the test does not "
+                   "tell this mask from chance here",
+                   "sufficient under every certified fill ({certified}); random blobs of its area pass {rate:.0%}"),
+    "necessary": ("not_flipped", "no candidate region, removed, changes the call under every certified fill "
+                  "({certified})",
+                  "every fill alone ({fills_alone}) already gives this label: removing pixels cannot show what the "
+                  "call needs",
+                  "random regions of this area removed the same way change the call too ({rate:.0%} > {bound:.0%}): "
+                  "not told from chance here",
+                  "removing it changes the call under every certified fill ({certified}); random regions of its "
+                  "area do so in {rate:.0%}"),
+}
+
+
+def side_status(side: str, passes: bool, testable: bool, random_pass: float, area: float, cfg,
+                fills_alone: str = "", certified: str = "") -> tuple[str, str]:
+    """``(status, reason)`` of one side ("sufficient" or "necessary"), the rules in order:
 
     1. ``null_keeps_label``: no fill is certified (every fill alone already gives the label), so
-       preservation cannot show evidence for this class on this classifier.
-    2. ``not_kept``: the label is not kept under every certified fill by the required margin.
+       neither keeping nor removing pixels can show evidence for this class on this classifier.
+    2. ``not_kept`` (sufficient: the label not kept by the required margin under every certified
+       fill) or ``not_flipped`` (necessary: no candidate, removed, loses it under every one).
     3. ``not_informative``: random blobs of the same area pass the same test more often than
-       ``random_bound``: the test does not tell this mask from chance.
+       ``random_bound``: the test does not tell this region from chance.
     4. ``not_minimal``: area below ``min_area`` or above ``max_area`` (degenerate).
     5. ``ok``.
     """
+    if side not in _SIDE_WORDS:
+        raise ValueError(f"side must be one of {tuple(_SIDE_WORDS)}, got {side!r}")
+    failed, failed_why, null_why, random_why, ok_why = _SIDE_WORDS[side]
+    words = dict(certified=certified, fills_alone=fills_alone, rate=random_pass, bound=cfg.random_bound)
     if not testable:
-        return "null_keeps_label", (f"every fill alone ({fills_alone}) already gives this label: preservation "
-                                    "cannot show evidence for this class on this classifier")
-    if not sufficient:
-        return "not_kept", f"the label is not kept by the required margin under every certified fill ({certified})"
+        return "null_keeps_label", null_why.format(**words)
+    if not passes:
+        return failed, failed_why.format(**words)
     if not random_pass <= cfg.random_bound:
-        return "not_informative", (f"random blobs of this area pass the same test too ({random_pass:.0%} > "
-                                   f"{cfg.random_bound:.0%}): the test does not tell this mask from chance here")
+        return "not_informative", random_why.format(**words)
     if area < cfg.min_area or area > cfg.max_area:
         return "not_minimal", f"degenerate area {area:.1%} (outside {cfg.min_area:.1%}-{cfg.max_area:.0%})"
-    return "ok", f"sufficient under every certified fill ({certified}); random blobs of its area pass {random_pass:.0%}"
+    return "ok", ok_why.format(**words)
+
+
+def status_of(sufficient: bool, testable: bool, random_pass: float, area: float, cfg,
+              fills_alone: str = "", certified: str = "") -> tuple[str, str]:
+    """The sufficient side's :func:`side_status`."""
+    return side_status("sufficient", sufficient, testable, random_pass, area, cfg, fills_alone, certified)

@@ -13,7 +13,7 @@ import platform
 from html import escape
 from pathlib import Path
 
-from .tables import REPORT_COLUMNS, blank_image_sentence, cell, json_safe
+from .tables import REPORT_COLUMNS, blank_image_sentence, cell, json_safe, sided_columns
 
 __all__ = ["environment", "write_report"]
 
@@ -121,12 +121,13 @@ def write_report(out_dir, rows: list[dict], panels: list, class_names, title: st
                  for f in failures)
 
     h.append("<h2>Summary</h2><table><thead><tr>")
-    h.extend(f"<th>{escape(head)}</th>" for _, head in REPORT_COLUMNS)
+    columns = sided_columns(rows, REPORT_COLUMNS)
+    h.extend(f"<th>{escape(head)}</th>" for _, head in columns)
     h.append("</tr></thead><tbody>")
     for r in rows:
         cls = _row_class(r)
         h.append(f'<tr class="{cls}">' if cls else "<tr>")
-        for key, _ in REPORT_COLUMNS:
+        for key, _ in columns:
             value = r.get(key)
             text = escape(cell(key, value))
             h.append(f'<td class="num">{text}</td>' if key in _NUMERIC else f"<td>{text}</td>")
@@ -140,7 +141,10 @@ def write_report(out_dir, rows: list[dict], panels: list, class_names, title: st
              "the share of random blobs of the mask's area that pass the same test (status ok needs at most "
              "20%). flipped when removed: the label lost with the mask's pixels filled instead. area: fraction "
              "of pixels kept. p(label | blank): the classifier on the baseline image alone. kept_robust: an "
-             "audit, pasted onto other images (n/a unless asked for).</p>")
+             "audit, pasted onto other images (n/a unless asked for). The necessary side (when computed): the "
+             "smallest region whose removal, under every certified fill, changes the call; random regions "
+             "removed flip: the share of random regions of its area that change the call too (ok needs at most "
+             "20%).</p>")
 
     h.append("<h2>Panels</h2>")
     for r, src in zip(rows, rel_panels):
@@ -149,8 +153,12 @@ def write_report(out_dir, rows: list[dict], panels: list, class_names, title: st
             h.append(f'<img src="{escape(src)}" alt="{escape(str(r.get("name", "")))}">')
         caption = [f"<b>{escape(str(r.get('name', '')))}</b>: {escape(str(r.get('class_name', '')))}, "
                    f"status {escape(str(r.get('status', '')))}"]
+        if r.get("headline"):
+            caption.append(f"<br><b>{escape(str(r['headline']))}</b>")
         if r.get("reason"):
-            caption.append(f" &mdash; {escape(str(r['reason']))}")
+            caption.append(f"<br>kept alone: {escape(str(r['reason']))}")
+        if r.get("necessary_reason"):
+            caption.append(f"<br>removed: {escape(str(r['necessary_reason']))}")
         if r.get("null_keeps_label"):
             caption.append(f"<br>{escape(blank_image_sentence(str(r.get('class_name', r.get('label')))))}.")
         h.append(f"<figcaption>{''.join(caption)}</figcaption></figure>")

@@ -4,7 +4,7 @@ Panels, left to right:
 
 (a) the image as the classifier sees it (after resizing, before normalisation);
 (b) the Med-CAM binary mask drawn as a contour line over the image (never filled, so the pixels under
-    it stay visible);
+    it stay visible), and the necessary side's region dashed in magenta when the row has one;
 (c) the evidence ``m*x + (1-m)*baseline``: what the classifier was shown when the label was checked.
     Removed pixels carry the baseline value (``MedCAMConfig.baseline``, 0 in the model's normalised
     input space); shown back in image units they are the intensity that value maps to (with the
@@ -16,20 +16,23 @@ Panels, left to right:
     under the worst certified fill, with a* and the mask's own area marked.
 
 The numbers (class, p(label|x), p(label|evidence), sufficient, a*, random_pass, flipped when
-removed, area, status, seconds) go in the figure title.
+removed, area, status, seconds; the necessary side's status, area and random control) and the
+headline sentence go in the figure title.
 """
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
 
 MASK_COLOUR = "#00e5ff"     # Med-CAM outline: cyan
+NECESSARY_COLOUR = "#ff00d4"  # the necessary side's outline: magenta, dashed
 GT_COLOUR = "#ff3b30"       # ground truth outline: red
 LINE_WIDTH = 1.6
 
-__all__ = ["panel_png", "panel_title", "GT_COLOUR", "MASK_COLOUR"]
+__all__ = ["panel_png", "panel_title", "GT_COLOUR", "MASK_COLOUR", "NECESSARY_COLOUR"]
 
 
 def _np(a) -> np.ndarray:
@@ -104,11 +107,20 @@ def panel_title(row: dict, title: str = "") -> str:
              f"status: {row.get('status', '?')}   {_fmt(row.get('seconds'), '.2f')} s")
     if row.get("null_keeps_label"):
         line2 += f"   [the classifier gives {cls} for a blank image]"
-    return line1 + "\n" + line2
+    lines = [line1, line2]
+    if row.get("necessary_status"):
+        lines.append(f"necessary side: {row['necessary_status']}   area: "
+                     f"{_fmt(100 * row['necessary_area'], '.1f')}%   call without it: "
+                     f"{row.get('necessary_new_class_name', '?')}   random regions removed: "
+                     f"{_fmt(row.get('necessary_random_pass'), '.2f')}")
+    if row.get("headline"):
+        lines.extend(textwrap.wrap(row["headline"], 170))
+    return "\n".join(lines)
 
 
 def panel_png(path, image_unit, row: dict, mask, evidence_unit, gt_mask=None, gradcam=None, title: str = "",
-              evidence_caption: str = "evidence m*x (removed = baseline)", dpi: int = 110) -> str:
+              evidence_caption: str = "evidence m*x (removed = baseline)", dpi: int = 110,
+              necessary_mask=None) -> str:
     """Writes one PNG summarising one explained image; returns its path.
 
     Args:
@@ -124,6 +136,7 @@ def panel_png(path, image_unit, row: dict, mask, evidence_unit, gt_mask=None, gr
         gradcam: float ``[H,W]`` in [0,1], or None (panel left out).
         title: e.g. the image's name; shown before the numbers.
         evidence_caption: the evidence panel's caption (say what removed pixels look like).
+        necessary_mask: bool ``[H,W]``, the necessary side's region (drawn dashed on panel (b)), or None.
     """
     # the Agg canvas directly, no pyplot: no global backend switch, no window, no figure registry
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -136,6 +149,7 @@ def panel_png(path, image_unit, row: dict, mask, evidence_unit, gt_mask=None, gr
     if ev.shape[:2] != hw:
         raise ValueError(f"evidence must have the image's size {hw}, got {ev.shape[:2]}")
     gt = _bool_map(gt_mask, hw, "gt_mask") if gt_mask is not None else None
+    nec = _bool_map(necessary_mask, hw, "necessary_mask") if necessary_mask is not None else None
     cam = None
     if gradcam is not None:
         cam = _np(gradcam).astype(np.float32)
@@ -149,7 +163,8 @@ def panel_png(path, image_unit, row: dict, mask, evidence_unit, gt_mask=None, gr
     curve_areas = list(row.get("curve_areas") or [])
     has_curve = bool(curve) and len(curve) == len(curve_areas) and any(v == v for v in curve)
     n = 3 + (gt is not None) + (cam is not None) + has_curve
-    fig = Figure(figsize=(2.6 * n, 3.35), dpi=dpi)
+    title_lines = panel_title(row, title).count("\n") + 1
+    fig = Figure(figsize=(2.6 * n, 3.35 + 0.15 * max(0, title_lines - 2)), dpi=dpi)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, n, squeeze=False)[0]
     for ax in axes:
@@ -163,7 +178,10 @@ def panel_png(path, image_unit, row: dict, mask, evidence_unit, gt_mask=None, gr
     axes[1].imshow(img, cmap=cmap, **kw)
     drawn = _outline(axes[1], m, MASK_COLOUR)
     area = float(m.mean())
-    axes[1].set_title(f"Med-CAM mask outline ({100 * area:.1f}%)" if drawn else "Med-CAM mask: empty", fontsize=8)
+    title_b = f"Med-CAM mask outline ({100 * area:.1f}%)" if drawn else "Med-CAM mask: empty"
+    if nec is not None and _outline(axes[1], nec, NECESSARY_COLOUR, style="dashed"):
+        title_b = f"kept alone: cyan ({100 * area:.1f}%)\nremoved flips: magenta ({100 * float(nec.mean()):.1f}%)"
+    axes[1].set_title(title_b, fontsize=8)
 
     axes[2].imshow(ev, cmap=ev_cmap, **kw)
     axes[2].set_title(evidence_caption, fontsize=8)
@@ -202,7 +220,7 @@ def panel_png(path, image_unit, row: dict, mask, evidence_unit, gt_mask=None, gr
         ax.set_box_aspect(1)
 
     fig.suptitle(panel_title(row, title), fontsize=8)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.74, wspace=0.05)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.74 - 0.04 * max(0, title_lines - 2), wspace=0.05)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")

@@ -136,7 +136,8 @@ def explain_to_report(loaded, items, failures, out_dir, config, device, seed: in
             try:
                 png = panel_png(panel_dir / name, unit, row, e.mask[j], evidence, gt,
                                 None if cams is None else cams[j], title=s.name,
-                                evidence_caption=_evidence_caption(pre, cfg.baseline))
+                                evidence_caption=_evidence_caption(pre, cfg.baseline),
+                                necessary_mask=e.necessary_mask[j] if e.two_sided else None)
             except Exception as exc:  # noqa: BLE001 - the explanation stands; the missing panel is a failure
                 failures.append({"path": str(s.path), "error": f"panel not written: {type(exc).__name__}: {exc}"})
                 png = None
