@@ -8,7 +8,7 @@ OUT    ?= demo_out
 BENCH_JSON := benchmarks/results/json
 DATA   ?= ../shared/data
 
-.PHONY: all venv build test test-suite test-isa demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx bench-speed probe evaluate-tag tune-sufficiency tune-steps demo-explainer evaluate-amortised tag-explainer evaluate-tag-amortised known-evidence-cases known-evidence-suite known-evidence-loco clean
+.PHONY: all venv build test test-suite test-isa demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx bench-speed probe evaluate-tag tune-sufficiency tune-steps demo-explainer evaluate-amortised tag-explainer evaluate-tag-amortised known-evidence-cases known-evidence-suite known-evidence-loco necessary-maps-val two-sided-checks clean
 
 all: test
 
@@ -93,7 +93,16 @@ known-evidence-suite: build
 	$(BIN)/python benchmarks/known_evidence_suite.py --data $(DATA) --out benchmarks/results/known_evidence_suite
 
 known-evidence-loco: build
-	$(BIN)/python benchmarks/known_evidence_loco.py --data $(DATA) --out benchmarks/results/known_evidence_loco
+	$(BIN)/python benchmarks/known_evidence_loco.py --data $(DATA) --out benchmarks/results/known_evidence_loco --n-val 8
+
+# the necessary side's ranking maps compared on the suite's val cases (benchmarks/results/necessary_maps_val.md)
+necessary-maps-val: build
+	$(BIN)/python benchmarks/necessary_maps_val.py --data $(DATA)
+
+# the two-sided default on clean brain MRI test images (ok shares) and its seconds per image beside
+# occlusion at 128², in one process (benchmarks/results/two_sided_checks.md)
+two-sided-checks: build
+	$(BIN)/python benchmarks/two_sided_checks.py --data $(DATA)
 
 # Timing tables on this machine (one torch job at a time: nothing else should run beside them).
 # The brain_mri suites read the data folder DATA (make bench DATA=/path/to/data; passed on as

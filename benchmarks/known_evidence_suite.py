@@ -7,8 +7,9 @@ For each case (``medcam_fast.evaluation.suite.CASES``, classifiers in ``benchmar
 ``--n-test`` test cases (a seeded draw), one image per call, scored by the harness
 (``medcam_fast.evaluation.Evaluation``, the sufficiency test of every method, curve metrics off)
 against the mark and against the lesion: occlusion, RISE and integrated gradients with the blank
-and the blur_fine fill, the Grad-CAM family, and Med-CAM's preservation, deletion and dual
-objectives (the default MedCAMConfig otherwise). Classifier passes are counted at the head.
+and the blur_fine fill, the Grad-CAM family, Med-CAM's default (two-sided: the preservation
+fit's sufficient side and the necessary side, each scored on its own ranking) and its deletion and
+dual objectives (the sufficient side alone). Classifier passes are counted at the head.
 CAM thresholds are tuned on ``--n-val`` val cases (val split: disjoint images). Resumable: records
 stay in ``<out>/<case>/records.jsonl``. Writes ``<out>.md`` and ``<out>.json``.
 """
@@ -76,12 +77,17 @@ def write(results: dict, out: Path, command: str) -> None:
               "pixels, at the mark's own area, that lie on it; lesion hit and precision: the same against the lesion "
               "mask (at the lesion's area); mask precision and area: Med-CAM's binary mask; status ok and random_pass: "
               "Med-CAM's own verdict and its random-blob control; passes: classifier passes per image (counted at "
-              "the head; scoring not included); seconds per image, one image per call.", "",
+              "the head; scoring not included); seconds per image, one image per call. Med-CAM's default is two-sided: "
+              "its row is the sufficient side (the preservation fit), and the row below it the necessary side, "
+              "scored the same way on its own ranking and mask (the smallest region whose removal loses the call), "
+              "with its own status and random control (random regions of its area removed); passes and seconds are "
+              "the two sides together (the same on both rows). The deletion and dual rows are the sufficient "
+              "side alone.", "",
               suite_table({n: r["rows"] for n, r in results.items()}), "",
               "Run time per case in this process (all methods, scoring included): "
               + ", ".join(f"{n} {r['seconds']} s ({r['scored']} cases" + (
-                  f"; {r['resumed']} records read back from an earlier, interrupted process, their time not "
-                  "included" if r.get("resumed") else "") + ")" for n, r in results.items()) + "."]
+                  f"; {r['resumed']} records read back from an earlier process (a resumed or partial rerun), "
+                  "their time not included" if r.get("resumed") else "") + ")" for n, r in results.items()) + "."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
 

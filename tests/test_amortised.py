@@ -42,6 +42,11 @@ def test_amortised_mask_finds_the_planted_square(planted_model, trained, device)
     assert _iou(res.mask, square).mean() >= 0.6
     assert res.area.mean() <= 3 * SQUARE ** 2 / 64 ** 2
     assert sum(s == "ok" for s in res.status) >= 14
+    # both sides by default, still without a fit: the necessary side's ranking is the default source's
+    assert res.two_sided and MedCAMConfig().necessary == "occlusion"
+    top = res.necessary_ranking.flatten(1).argmax(1)
+    assert square.flatten(1)[torch.arange(16), top].float().mean() >= 0.9
+    assert sum(s == "ok" for s in res.necessary_status) >= 14
     # the same network before training finds nothing: the figures above come from the training
     untrained = am.train_explainer(planted_model, x, MedCAMConfig(), am.AmortisedRecipe(
         steps=1, batch=4, widths=(8, 16, 32), scale=1), progress=False)

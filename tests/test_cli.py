@@ -94,7 +94,8 @@ def test_demo_in_process(demo):
     assert table_names(stdout, NAMES) == NAMES                      # one table row per sample, in order
     header = stdout.splitlines()[0].split()
     assert header == ["name", "class", "p(x)", "p(evidence)", "sufficient", "area", "a*", "random_pass",
-                      "flipped_removed", "p(blank)", "blank_keeps", "status", "seconds"]
+                      "flipped_removed", "p(blank)", "blank_keeps", "status", "necessary", "nec_area", "nec_random",
+                      "seconds"]                                  # two-sided by default
     # the null audit is in the printed table too: samples called glioma (the blank image's call) are
     # kept by the blank image, the others not
     from medcam_fast import zoo
@@ -190,7 +191,13 @@ def test_torchscript_and_torch_export_specs(request, tmp_path, kind):
     assert results["metadata"]["model"]["format"] == ("torchscript" if kind == "scripted" else "export")
     if kind == "scripted":
         assert any("logits only" in n for n in results["notes"])
+    assert all("necessary_status" in r for r in results["rows"])                   # both sides by default
     check_links(tmp_path / "o")
+    rc, stdout, stderr = run(["explain", "--model", model_file, "--input", inputs[0], "--size", 32, "--steps", 2,
+                              "--out", tmp_path / "one", "--device", "cpu", "--necessary", "off"])
+    assert rc == 0, stderr
+    assert "necessary" not in stdout.splitlines()[0].split()
+    assert all("necessary_status" not in r for r in json.loads((tmp_path / "one" / "results.json").read_text())["rows"])
     # without --size there is no way to know the input size
     rc, _, stderr = run(["explain", "--model", model_file, "--input", inputs[0], "--out", tmp_path / "p"])
     assert rc == 2 and "--size" in stderr

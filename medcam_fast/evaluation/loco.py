@@ -21,6 +21,13 @@ SETTINGS: dict[str, dict] = {
     "deletion, area x0.5": {"objective": "deletion", "area": 2.0},
 }
 
+# the necessary side's sources compared (the sufficient side at the defaults), scored on that side
+NECESSARY_SETTINGS: dict[str, dict] = {
+    "necessary: occlusion": {"necessary": "occlusion"},
+    "necessary: occlusion+fit": {"necessary": "occlusion+fit"},
+    "necessary: fit": {"necessary": "fit"},
+}
+
 
 def _score(values: dict[str, float], cases) -> float:
     v = [values[c] for c in cases if c in values and not math.isnan(values[c])]
@@ -78,4 +85,4 @@ def needed_test_runs(val: dict[str, dict[str, float]], tie=None) -> set[tuple[st
     return {(s, k) for k in cases for s in (choose(val, [c for c in cases if c != k], tie), overall)}
 
 
-__all__ = ["LocoRow", "SETTINGS", "choose", "leave_one_case_out", "needed_test_runs"]
+__all__ = ["LocoRow", "NECESSARY_SETTINGS", "SETTINGS", "choose", "leave_one_case_out", "needed_test_runs"]

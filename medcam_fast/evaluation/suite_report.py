@@ -7,14 +7,15 @@ import statistics
 
 from ..zoo.cards import card_markdown
 
-# the suite table's rows, in order: perturbation baselines, CAMs, Med-CAM's three objectives
+# the suite table's rows, in order: perturbation baselines, CAMs, Med-CAM's default (both sides)
+# and its other two objectives (sufficient side only)
 SUITE_METHODS = ("occlusion_blank", "occlusion_blur", "rise_blank", "rise_blur", "ig_blank", "ig_blur",
                  "gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "ablationcam",
-                 "medcam", "medcam_deletion", "medcam_dual", "medcam_two_sided")
-BINARY_METHODS = ("medcam", "medcam_deletion", "medcam_dual", "medcam_two_sided")
-ROW_NAMES = {"medcam": "Med-CAM preservation (default)", "medcam_deletion": "Med-CAM deletion",
-             "medcam_dual": "Med-CAM dual", "medcam_two_sided": "Med-CAM two-sided, sufficient side",
-             "medcam_two_sided/necessary": "Med-CAM two-sided, necessary side", "occlusion_blank": "occlusion, blank fill",
+                 "medcam", "medcam_deletion", "medcam_dual")
+BINARY_METHODS = ("medcam", "medcam_deletion", "medcam_dual")
+ROW_NAMES = {"medcam": "Med-CAM default, sufficient side (preservation)",
+             "medcam/necessary": "Med-CAM default, necessary side", "medcam_deletion": "Med-CAM deletion",
+             "medcam_dual": "Med-CAM dual", "occlusion_blank": "occlusion, blank fill",
              "occlusion_blur": "occlusion, blur_fine fill", "rise_blank": "RISE, blank fill",
              "rise_blur": "RISE, blur_fine fill", "ig_blank": "integrated gradients, from blank",
              "ig_blur": "integrated gradients, from blur_fine"}

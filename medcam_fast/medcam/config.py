@@ -43,9 +43,9 @@ class MedCAMConfig:
     rob_draws: int = 1               # backgrounds per image per step in the robustness term
     objective: str = "preservation"  # TorchRay's modes: keep the mask ("preservation"), lose the label
                                      # without it ("deletion"), or both ("dual")
-    necessary: str | None = None     # the necessary side's ranking source (medcam.necessary.NECESSARY_SOURCES:
-                                     # "fit", "occlusion", "occlusion+fit", "shared"); None: one side, until the
-                                     # default is chosen on the suite's val cases
+    necessary: str | None = "occlusion"  # the necessary side's ranking source (medcam.necessary.NECESSARY_SOURCES:
+                                     # "fit", "occlusion", "occlusion+fit", "shared"), chosen on the suite's val
+                                     # cases (benchmarks/results/known_evidence_loco.md); None: one side
     dele: float = 1.0                # deletion term: relu(log p(label | (1-m)*x + m*r) - log del_prob)
     del_prob: float = 0.3
     # --- backgrounds r of the robustness term (a new draw each step) and the evidence baseline

@@ -400,7 +400,8 @@ class Explainer:
 def explain(model: nn.Module, x: torch.Tensor, target=None, config: MedCAMConfig | None = None, mode: str = "fast",
             device=None, seed: int = 0, reference: torch.Tensor | None = None, forward=None, amortised=None,
             refine: int = 0) -> Explanation:
-    """Med-CAM: the smallest binary evidence in ``x`` that keeps ``model``'s decision, checked.
+    """Med-CAM: the smallest binary evidence in ``x`` that keeps ``model``'s decision, checked,
+    and (by default, ``config.necessary``) the smallest region whose removal changes it, checked.
 
     Args:
         model: maps ``[N,C,H,W]`` to logits ``[N,K]``; left exactly as it was.
@@ -419,7 +420,8 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, config: MedCAMConfig
     Returns:
         :class:`Explanation` with ``mask`` ``[N,H,W]`` bool, ``sufficient`` ``[N]`` (the test of
         :mod:`medcam_fast.medcam.sufficiency`), ``random_pass``, ``a_star``, ``evidence_curve``,
-        ``status`` and the rest (see its docstring).
+        ``status``; the necessary side's ``necessary_mask`` ``[N,H,W]``, ``necessary_ranking``,
+        ``necessary_random_pass``, ``necessary_status``; ``headline(i)``; and the rest (see its docstring).
     """
     return Explainer(model, config, mode=mode, device=device, forward=forward, reference=reference,
                      amortised=amortised, refine=refine)(
