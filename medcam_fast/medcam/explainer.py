@@ -9,6 +9,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from ..models.adapter import FrozenClassifier
 from .backgrounds import BackgroundSampler
@@ -214,26 +215,32 @@ class Explainer:
             prob_null = null_logits.softmax(1)[0, label]
             null_keeps = null_logits.argmax(1)[0] == label
 
-            fills = sufficiency.certify(self._frozen_forward, x, label, cfg.fills, cfg.baseline, cfg.certify_margin,
-                                        cfg.max_batch, cfg.mask_fills)
+            with record_function("medcam.certify_fills"):
+                fills = sufficiency.certify(self._frozen_forward, x, label, cfg.fills, cfg.baseline,
+                                            cfg.certify_margin, cfg.max_batch, cfg.mask_fills)
             pool = None
             if cfg.background == "counterfactual" or cfg.audit_counterfactual:
                 pool = build_pool(self._frozen_forward, x, label, reference, cfg.n_robust, seed, cfg.max_batch,
                                   cfg.batch_as_reference)
-            if self.amortised is None:
-                logits, steps = self._fit(x, label, logits_x, feats_x, pool, fills, seed, step_clf)
-            else:
-                logits, steps = self._amortised(x, label, logits_x, feats_x, pool, fills, seed, step_clf, refine)
+            # record_function ranges: the stages a torch.profiler run reports (benchmarks/profile_explain.py)
+            with record_function("medcam.sufficient_ranking"):
+                if self.amortised is None:
+                    logits, steps = self._fit(x, label, logits_x, feats_x, pool, fills, seed, step_clf)
+                else:
+                    logits, steps = self._amortised(x, label, logits_x, feats_x, pool, fills, seed, step_clf, refine)
             soft = torch.sigmoid(logits / cfg.mask_temperature)
             need = sufficiency.required_margin(sufficiency.margins(logits_x.detach(), label), cfg.keep_margin,
                                                cfg.keep_share)
-            verdict = self._verify(x, label, logits.detach(), fills, pool, need, seed)
+            with record_function("medcam.sufficient_checks"):
+                verdict = self._verify(x, label, logits.detach(), fills, pool, need, seed)
             necessary = None
             if cfg.necessary is not None:
                 ctx = {"x": x, "label": label, "logits_x": logits_x, "feats_x": feats_x, "pool": pool,
                        "fills": fills, "seed": seed, "step_clf": step_clf, "sufficient_logits": logits.detach()}
-                ranking = get_necessary_source(cfg.necessary)(self, ctx).detach()
-                necessary = verify_necessary(self._frozen_forward, x, label, ranking, fills, cfg, seed)
+                with record_function("medcam.necessary_ranking"):
+                    ranking = get_necessary_source(cfg.necessary)(self, ctx).detach()
+                with record_function("medcam.necessary_checks"):
+                    necessary = verify_necessary(self._frozen_forward, x, label, ranking, fills, cfg, seed)
                 necessary["ranking"] = ranking[:, 0]
         statuses, reasons = [], []
         for i in range(n):
