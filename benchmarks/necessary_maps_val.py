@@ -34,6 +34,7 @@ from medcam_fast.medcam.necessary import _removal_fill, coarse_to_fine_occlusion
 from medcam_fast.medcam.verify import batched_logits  # noqa: E402
 from medcam_fast.metrics.localisation import hit_rate  # noqa: E402
 from medcam_fast.models.freeze import frozen  # noqa: E402
+from medcam_fast.models.passes import PassCounter  # noqa: E402
 
 
 @torch.no_grad()
@@ -83,15 +84,6 @@ MAPS = {
 }
 
 
-class _Counted:
-    def __init__(self, model):
-        self.model, self.passes = model, 0
-
-    def __call__(self, z):
-        self.passes += z.shape[0]
-        return self.model(z)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_suite_arguments(ap, ROOT, "necessary_maps_val", n_val=12)
@@ -105,17 +97,17 @@ def main(argv=None) -> int:
         model, prep, class_names, _ = load_case(spec, args.models)
         val = subset(split_cases(spec, Path(args.data) / spec.dataset, model, prep, class_names, "val"), args.n_val,
                      args.seed)
-        forward = _Counted(model)
         with frozen(model):
-            fills = sufficiency.certify(forward, val.x, val.call, cfg.fills, cfg.baseline, cfg.certify_margin)
+            fills = sufficiency.certify(model, val.x, val.call, cfg.fills, cfg.baseline, cfg.certify_margin)
             fill = _removal_fill(fills)
             for label, fn in MAPS.items():
-                forward.passes, t = 0, time.perf_counter()
-                score = fn(forward, val.x, val.call, fill)
+                t = time.perf_counter()
+                with PassCounter(model) as counter:
+                    score = fn(model, val.x, val.call, fill)
                 seconds = (time.perf_counter() - t) / len(val.ids)
                 table.setdefault(label, {})[name] = (hit_rate(score, val.gt).float().mean().item(),
                                                      _precision_at_area(score, val.gt).nanmean().item(),
-                                                     forward.passes / len(val.ids), seconds)
+                                                     counter.images / len(val.ids), seconds)
                 print(name, label, table[label][name], flush=True)
     command = "python benchmarks/necessary_maps_val.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = ["# The necessary side's ranking maps on val cases", "",
