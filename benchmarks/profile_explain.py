@@ -4,8 +4,8 @@
     python benchmarks/profile_explain.py --model demo --n 8 --out benchmarks/results/profile_demo_cpu.md
 
 Prints (and writes) the explanation's stages (the ``medcam.*`` profiler ranges of ``Explainer``:
-certifying the fills, the sufficient side's ranking and checks, the necessary side's ranking and
-checks) with their time and classifier passes (counted at the head), then the top operators by
+certifying the fills, each side's ranking, and the checks: both sides together with the adaptive
+rule, each side's with ``--checks full``) with their time and classifier passes (counted at the head), then the top operators by
 self time on the device, the number of kernel launches and host syncs seen, for one explanation
 with the default config after a warm-up call. ``--model demo``: the bundled classifier on its
 bundled samples (128x128); otherwise a timm model with random weights on random images.
@@ -26,8 +26,8 @@ from conftest import cpu_model  # noqa: E402
 from medcam_fast import Explainer, MedCAMConfig  # noqa: E402
 from medcam_fast.models.passes import PassCounter  # noqa: E402
 
-STAGES = ("medcam.certify_fills", "medcam.sufficient_ranking", "medcam.sufficient_checks", "medcam.necessary_ranking",
-          "medcam.necessary_checks")
+STAGES = ("medcam.certify_fills", "medcam.sufficient_ranking", "medcam.necessary_ranking", "medcam.checks",
+          "medcam.sufficient_checks", "medcam.necessary_checks")
 
 
 class _StagePasses:
@@ -84,12 +84,15 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--n", type=int, default=1, help="images per call")
     ap.add_argument("--steps", type=int, default=None, help="fixed step count (default: the config's, early stop on)")
+    ap.add_argument("--checks", default=MedCAMConfig.checks, choices=["adaptive", "full"])
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     model, x = _inputs(args)
-    cfg = MedCAMConfig() if args.steps is None else MedCAMConfig(steps=args.steps, min_steps=args.steps)
+    cfg = MedCAMConfig(checks=args.checks)
+    if args.steps is not None:
+        cfg = cfg.replace(steps=args.steps, min_steps=args.steps)
     explainer = Explainer(model, cfg)
     explainer(x)  # warm-up: allocator, cuDNN autotuning, layer choice
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
@@ -106,7 +109,9 @@ def main(argv=None) -> int:
                    (explainer_module, "get_necessary_source"): lambda name: staged.wrap(get_source(name),
                                                                                         "medcam.necessary_ranking"),
                    (explainer_module, "verify_necessary"): staged.wrap(explainer_module.verify_necessary,
-                                                                       "medcam.necessary_checks")}
+                                                                       "medcam.necessary_checks"),
+                   (explainer_module, "adaptive_checks"): staged.wrap(explainer_module.adaptive_checks,
+                                                                      "medcam.checks")}
         originals = {k: getattr(*k) for k in patched}
         for (owner, name), fn in patched.items():
             setattr(owner, name, fn)
@@ -125,12 +130,15 @@ def main(argv=None) -> int:
     syncs = sum(e.count for e in events if "Synchronize" in e.key or e.key in ("aten::item", "aten::_local_scalar_dense"))
     size = "x".join(str(v) for v in x.shape[-2:])
     head = (f"# Profile of one explanation: {args.model} {size}, N={args.n}, {args.device}, "
-            f"{torch.get_num_threads()} threads, necessary side: {cfg.necessary}\n\n"
+            f"{torch.get_num_threads()} threads, necessary side: {cfg.necessary}, checks: {cfg.checks}\n\n"
             f"- `python benchmarks/profile_explain.py {' '.join(sys.argv[1:] if argv is None else argv)}`; "
             f"{cpu_model() if args.device == 'cpu' else torch.cuda.get_device_name()}, torch {torch.__version__}; "
             "times are under the profiler (slower than without it): read the shares\n"
             f"- wall time {res.seconds:.3f} s, steps {res.steps.tolist()}, classifier passes "
             f"{total_passes / args.n:.0f} per image\n"
+            f"- the checks' passes per image, sufficient side {res.check_passes.tolist()}, necessary side "
+            f"{None if res.necessary_check_passes is None else res.necessary_check_passes.tolist()}; statuses "
+            f"{res.status}, {res.necessary_status}\n"
             f"- kernel launches: {launches}; host syncs (item/_local_scalar_dense/synchronize): {syncs}\n\n")
     text = head + stage_table(prof, staged.passes, res.seconds, total_passes, args.n) + "\n```\n" + table + "\n```\n"
     print(text)

@@ -40,7 +40,7 @@ VARIATIONS = [
     ("objective deletion", dict(objective="deletion")),
     ("keep_margin 0.5", dict(keep_margin=0.5)),
     ("blank and mean fills only", dict(fills=("baseline", "mean"))),
-    ("+ impute fill", dict(mask_fills=("impute",))),
+    ("+ impute fill", dict(mask_fills=("impute",), checks="full")),
 ]
 
 

@@ -71,6 +71,8 @@ class EvalOptions:
     refine: int = 20                # fit steps of the "amortised+refine" row
     curve_metrics: bool = True      # deletion/insertion AUC, ROAD and the kept_robust audit (off: the
                                     # sufficiency test, localisation and the controls only)
+    checks: str = "full"            # the tables' Med-CAM checks: every candidate under every fill (the
+                                    # adaptive rule is measured against it: benchmarks/adaptive_checks_val.py)
     warm_up: bool = False           # one untimed, uncounted call per Med-CAM Explainer first (its trace)
 
 
@@ -300,7 +302,7 @@ class Evaluation:
         if amortised and self.opt.explainer is None:
             raise ValueError(f"method {method!r} needs an amortised explainer (EvalOptions.explainer / --explainer)")
         cfg = {"medcam_plain": self.opt.plain, "medcam_reference": self.opt.reference}.get(method, self.opt.medcam)
-        cfg = cfg.replace(batch_as_reference=False, n_robust=self.opt.n_robust)
+        cfg = cfg.replace(batch_as_reference=False, n_robust=self.opt.n_robust, checks=self.opt.checks)
         cfg = cfg.replace(**MEDCAM_SETTINGS.get(method, {}))
         return Explainer(self.model, cfg, mode=mode, reference=self.data.pool,
                          amortised=self.opt.explainer if amortised else None,

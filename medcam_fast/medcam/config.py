@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, replace
 
 MODES = ("fast", "reference")
 OBJECTIVES = ("preservation", "deletion", "dual")
+CHECKS = ("adaptive", "full")
 BACKGROUNDS = ("fills", "counterfactual", "gaussian", "uniform", "blur", "shuffle", "constant")
 
 
@@ -59,6 +60,11 @@ class MedCAMConfig:
     keep_share: float = 0.5          # lead on x) under every counted fill
     n_random: int = 16               # random blobs at the mask's own area, the leakage control
     random_bound: float = 0.2        # ok only when at most this share of them passes too
+    checks: str = "adaptive"         # "adaptive": the same decisions in tens of passes (bisected area grid,
+                                     # one fill at a time, sequential random controls; medcam.checks);
+                                     # "full": every candidate under every fill (the evaluation tables' test)
+    random_confidence: float | None = 0.95  # adaptive random controls also stop once an exact binomial bound
+                                     # at this confidence clears random_bound (None: curtailment alone)
     audit_counterfactual: bool = False  # also compute kept_robust on other images' context (audit only)
     # --- U-Net explainer
     unet_widths: tuple[int, ...] = (16, 32, 64)
@@ -128,6 +134,12 @@ class MedCAMConfig:
         if bad or not self.fills:
             raise ValueError(f"unknown or no fills {bad or list(self.fills)}: fills from {plain_fills}, "
                              f"mask_fills from {mask_fills}")
+        if self.checks not in CHECKS:
+            raise ValueError(f"checks must be one of {CHECKS}, got {self.checks!r}")
+        if self.checks == "adaptive" and self.mask_fills:
+            raise ValueError("the adaptive checks cover the mask-independent fills; with mask_fills set checks='full'")
+        if self.random_confidence is not None and not 0.5 <= self.random_confidence < 1:
+            raise ValueError(f"random_confidence must be None or in [0.5, 1), got {self.random_confidence}")
         if self.n_random < 1 or not 0 <= self.random_bound <= 1:
             raise ValueError("n_random must be >= 1 and random_bound in [0, 1]")
         if not 0 < self.del_prob < 1:

@@ -20,7 +20,8 @@ from .step import resolve_compile
 from .unet import resolve_channels_last
 from .result import Explanation
 from . import sufficiency
-from .necessary import get_necessary_source, verify_necessary
+from .checks import adaptive_checks
+from .necessary import get_necessary_source, verify_necessary, with_statuses
 from .verify import batched_logits, candidate_masks, choose, kept_robust_of_masks, status_of
 
 MIN_SIDE = 8
@@ -72,6 +73,21 @@ def _validate_refine(refine, amortised) -> int:
     if refine and amortised is None:
         raise ValueError("refine warm-starts the fit from an amortised explainer's mask: pass amortised=...")
     return refine
+
+
+class _Counting:
+    """``forward`` counting the images it classifies (the full checks' passes)."""
+
+    def __init__(self, forward):
+        self.forward, self.images = forward, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.images += x.shape[0]
+        return self.forward(x)
+
+    def take(self) -> int:
+        n, self.images = self.images, 0
+        return n
 
 
 class Explainer:
@@ -231,16 +247,14 @@ class Explainer:
             soft = torch.sigmoid(logits / cfg.mask_temperature)
             need = sufficiency.required_margin(sufficiency.margins(logits_x.detach(), label), cfg.keep_margin,
                                                cfg.keep_share)
-            with record_function("medcam.sufficient_checks"):
-                verdict = self._verify(x, label, logits.detach(), fills, pool, need, seed)
-            necessary = None
+            ranking = None
             if cfg.necessary is not None:
                 ctx = {"x": x, "label": label, "logits_x": logits_x, "feats_x": feats_x, "pool": pool,
                        "fills": fills, "seed": seed, "step_clf": step_clf, "sufficient_logits": logits.detach()}
                 with record_function("medcam.necessary_ranking"):
                     ranking = get_necessary_source(cfg.necessary)(self, ctx).detach()
-                with record_function("medcam.necessary_checks"):
-                    necessary = verify_necessary(self._frozen_forward, x, label, ranking, fills, cfg, seed)
+            verdict, necessary = self._check(x, label, logits.detach(), ranking, fills, pool, need, seed)
+            if necessary is not None:
                 necessary["ranking"] = ranking[:, 0]
         statuses, reasons = [], []
         for i in range(n):
@@ -273,12 +287,37 @@ class Explainer:
             certified_fills=[fills.described(i, verdict["use"]) for i in range(n)],
             ranking=logits[:, 0].detach().cpu(),
             source="fit" if self.amortised is None else "amortised+refine" if refine else "amortised",
-            n_random=cfg.n_random, **two)
+            n_random=cfg.n_random, checks=cfg.checks, check_passes=cpu["check_passes"],
+            random_draws=cpu["random_draws"], **two)
 
-    def _verify(self, x, label, mask_logits, fills, pool, need, seed) -> dict:
+    def _check(self, x, label, logits, ranking, fills, pool, need, seed) -> tuple[dict, dict | None]:
+        """Both sides' checks (``ranking`` None: the sufficient side alone) by ``config.checks``:
+        "adaptive" (:mod:`.checks`, both sides batched together) or "full" (every candidate under
+        every fill). Each verdict carries ``check_passes`` ``[N]``: the classifier passes its side
+        spent per image (the full test's are the same for every image)."""
+        cfg, fwd, n = self.config, self._frozen_forward, x.shape[0]
+        if cfg.checks == "adaptive":
+            with record_function("medcam.checks"):
+                verdict, necessary = adaptive_checks(fwd, x, label, logits, ranking, fills, pool, need, cfg, seed)
+            return verdict, None if necessary is None else with_statuses(necessary, fills, cfg)
+        counter = _Counting(fwd)
+        with record_function("medcam.sufficient_checks"):
+            verdict = self._verify(x, label, logits, fills, pool, need, seed, counter)
+        verdict["check_passes"] = torch.full((n,), counter.take() // n)
+        necessary = None
+        if ranking is not None:
+            with record_function("medcam.necessary_checks"):
+                necessary = verify_necessary(counter, x, label, ranking, fills, cfg, seed)
+            necessary["check_passes"] = torch.full((n,), counter.take() // n)
+        for v in (verdict, necessary):
+            if v is not None:   # every draw is run
+                v["random_draws"] = torch.where(v["testable"].cpu(), cfg.n_random, 0)
+        return verdict, necessary
+
+    def _verify(self, x, label, mask_logits, fills, pool, need, seed, forward=None) -> dict:
         """The test of :mod:`.sufficiency` on every candidate, the choice, and the chosen mask's
         deletion side, controls, a* and evidence curve (``[N]`` tensors, ``curve`` ``[N,A]``)."""
-        cfg, fwd, n = self.config, self._frozen_forward, x.shape[0]
+        cfg, fwd, n = self.config, forward or self._frozen_forward, x.shape[0]
         thr_logit = cfg.mask_temperature * math.log(cfg.threshold / (1 - cfg.threshold))
         masks, names = candidate_masks(mask_logits, thr_logit, cfg.area_grid)   # threshold, then the grid
         use = sufficiency.counted(fills)

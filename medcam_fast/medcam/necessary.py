@@ -175,10 +175,17 @@ def verify_necessary(forward, x: torch.Tensor, label: torch.Tensor, ranking: tor
     out = {"mask": mask, "area": area, "flipped": flips[rows, idx], "prob_removed": prob_removed[rows, idx],
            "new_label": new_label, "random_pass": rate, "testable": testable, "use": use,
            "a_star": sufficiency.extremal_area(cfg.area_grid, flips[:, 1:]), "curve": prob_removed[:, 1:],
-           "selection": [f"{names[int(j)]}: {notes[i]}" for i, j in enumerate(idx)], "status": [], "reason": []}
-    for i in range(n):
-        s, r = necessary_status_of(bool(out["flipped"][i]), bool(testable[i]), float(rate[i]), float(area[i]), cfg,
-                                   ", ".join(fills.names), fills.described(i, use))
+           "selection": [f"{names[int(j)]}: {notes[i]}" for i, j in enumerate(idx)]}
+    return with_statuses(out, fills, cfg)
+
+
+def with_statuses(out: dict, fills: sufficiency.FillSet, cfg) -> dict:
+    """``out`` (the necessary side's checks, full or adaptive) with its per-image ``status`` and
+    ``reason`` (:func:`necessary_status_of`)."""
+    out["status"], out["reason"] = [], []
+    for i in range(out["mask"].shape[0]):
+        s, r = necessary_status_of(bool(out["flipped"][i]), bool(out["testable"][i]), float(out["random_pass"][i]),
+                                   float(out["area"][i]), cfg, ", ".join(fills.names), fills.described(i, out["use"]))
         out["status"].append(s)
         out["reason"].append(r)
     return out

@@ -36,7 +36,12 @@ class Explanation:
         flipped_when_removed: bool ``[N]``, the label lost with the mask removed, under every
             certified fill; prob_removed: float ``[N]``, the highest p(label) then.
         random_pass: float ``[N]``, the share of random blobs at the mask's area that pass the same
-            test (the leakage control; ``ok`` needs it <= ``random_bound``).
+            test (the leakage control; ``ok`` needs it <= ``random_bound``); random_draws: long
+            ``[N]``, how many were drawn (``checks="adaptive"`` stops once the verdict is settled,
+            and draws none, NaN rate, where the side did not pass: the status is decided without it).
+        checks: "adaptive" or "full" (``MedCAMConfig.checks``); check_passes: long ``[N]``, the
+            classifier passes the sufficient side's checks spent per image (necessary_check_passes:
+            the necessary side's; the ranking and the fills not included).
         shape_keeps_label: bool ``[N]``, the mask's outline alone (no content of x) gives the label.
         a_star: float ``[N]``, the smallest area of ``curve_areas`` at which the ranking's top pixels
             are sufficient (NaN: none is); evidence_curve: float ``[N,A]``, worst-case p(label)
@@ -47,7 +52,7 @@ class Explanation:
             necessary_mask bool ``[N,H,W]``; necessary_ranking ``[N,H,W]`` its logits;
             necessary_area, necessary_prob_removed (highest p(label) with it removed),
             necessary_random_pass (share of random regions of its area whose removal loses the
-            call too), necessary_a_star ``[N]``; necessary_flipped bool ``[N]``;
+            call too; necessary_random_draws of them), necessary_a_star ``[N]``; necessary_flipped bool ``[N]``;
             necessary_new_label long ``[N]`` (the call without it); necessary_curve ``[N,A]``;
             necessary_status ("ok", "null_keeps_label", "not_flipped", "not_informative",
             "not_minimal"), necessary_reason, necessary_selection: per image.
@@ -98,6 +103,11 @@ class Explanation:
     necessary_reason: list[str] = field(default_factory=list)
     necessary_selection: list[str] = field(default_factory=list)
     n_random: int = 0
+    checks: str = "full"
+    check_passes: torch.Tensor | None = None
+    random_draws: torch.Tensor | None = None
+    necessary_check_passes: torch.Tensor | None = None
+    necessary_random_draws: torch.Tensor | None = None
 
     @property
     def two_sided(self) -> bool:
@@ -110,19 +120,20 @@ class Explanation:
         def name(c):
             return class_names[int(c)] if class_names else f"class {int(c)}"
 
-        def draws(rate):
-            return f"{round(float(rate) * self.n_random)} of {self.n_random} draws" if self.n_random else f"{rate:.0%}"
+        def draws(rate, drawn):
+            k = int(drawn[i]) if drawn is not None else self.n_random
+            return f"{round(float(rate) * k)} of {k} draws" if k else f"{float(rate):.0%}"
 
         call = name(self.label[i])
         parts = []
         if self.two_sided and self.necessary_status[i] == "ok":
             parts.append(f"Removing this region ({float(self.necessary_area[i]):.1%} of the image) changes the call "
                          f"from {call} to {name(self.necessary_new_label[i])}; random regions of that size do so in "
-                         f"{draws(self.necessary_random_pass[i])}.")
+                         f"{draws(self.necessary_random_pass[i], self.necessary_random_draws)}.")
         if self.status[i] == "ok":
             rp = self.random_pass[i] if self.random_pass is not None else float("nan")
             parts.append(f"This region alone ({float(self.area[i]):.1%} of the image) keeps the call {call}; random "
-                         f"regions of that size do so in {draws(rp)}.")
+                         f"regions of that size do so in {draws(rp, self.random_draws)}.")
         if parts:
             return " ".join(parts)
         if self.status[i] == "null_keeps_label":
@@ -200,6 +211,9 @@ class Explanation:
                 "certified_fills": self.certified_fills[i] if self.certified_fills else "",
                 "steps": int(self.steps[i]),
                 "source": self.source,
+                "checks": self.checks,
+                "check_passes": _opt(self.check_passes, i, int),
+                "random_draws": _opt(self.random_draws, i, int),
                 "seconds": self.seconds / max(len(self), 1),
                 "headline": self.headline(i, class_names),
             })
@@ -217,6 +231,8 @@ class Explanation:
                     "necessary_random_pass": float(self.necessary_random_pass[i]),
                     "necessary_a_star": float(self.necessary_a_star[i]),
                     "necessary_curve": [float(v) for v in self.necessary_curve[i]],
+                    "necessary_check_passes": _opt(self.necessary_check_passes, i, int),
+                    "necessary_random_draws": _opt(self.necessary_random_draws, i, int),
                 })
         return out
 
