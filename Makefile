@@ -8,7 +8,7 @@ OUT    ?= demo_out
 BENCH_JSON := benchmarks/results/json
 DATA   ?= ../shared/data
 
-.PHONY: all venv build test test-suite test-isa demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx bench-speed probe evaluate-tag tune-sufficiency tune-steps demo-explainer evaluate-amortised tag-explainer evaluate-tag-amortised known-evidence-cases known-evidence-suite known-evidence-loco necessary-maps-val two-sided-checks clean
+.PHONY: all venv build test test-suite test-isa demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx bench-speed probe evaluate-tag tune-sufficiency tune-steps demo-explainer evaluate-amortised tag-explainer evaluate-tag-amortised known-evidence-cases known-evidence-suite known-evidence-loco necessary-maps-val two-sided-checks adaptive-checks-val throughput-targets clean
 
 all: test
 
@@ -103,6 +103,14 @@ necessary-maps-val: build
 # occlusion at 128², in one process (benchmarks/results/two_sided_checks.md)
 two-sided-checks: build
 	$(BIN)/python benchmarks/two_sided_checks.py --data $(DATA)
+
+# the adaptive checks against the full test on the suite's val cases and clean brain MRI val images
+adaptive-checks-val: build
+	$(BIN)/python benchmarks/adaptive_checks_val.py --data $(DATA)
+
+# seconds per image of the default, the amortised path and (BASELINE=path) an older checkout, in one run
+throughput-targets: build
+	$(BIN)/python benchmarks/throughput_targets.py $(if $(BASELINE),--baseline $(BASELINE))
 
 # Timing tables on this machine (one torch job at a time: nothing else should run beside them).
 # The brain_mri suites read the data folder DATA (make bench DATA=/path/to/data; passed on as

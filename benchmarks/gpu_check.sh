@@ -47,7 +47,7 @@ cp "$OUT/build_info.log" "$OUT/build_info.json"
 # the ONNX IO-binding path (CUDA and the CPU spy)
 MEDCAM_FAST_REQUIRE_OPS=1 MEDCAM_FAST_REQUIRE_CUDA_OPS=1 step tests_cuda 240 \
   $PY -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_build.py tests/test_cuda_pipeline.py \
-  tests/test_onnx.py tests/test_fit_step.py tests/test_amortised.py tests/test_known_evidence_suite.py \
+  tests/test_onnx.py tests/test_fit_step.py tests/test_amortised.py tests/test_known_evidence_suite.py tests/test_checks.py \
   -k "cuda or build or arch or io_binding or providers or clone or autocast or pipeline or sync or graph_break"
 
 step bench_ops 200 $PY -m pytest -q benchmarks/bm_ops.py --bench-devices=cuda -p no:cacheprovider \
@@ -61,6 +61,10 @@ step bench_throughput 200 $PY -m pytest -q benchmarks/bm_throughput.py --bench-d
 step bench_speed 330 $PY -m pytest -q benchmarks/bm_speed.py --bench-devices=cuda --bench-full -p no:cacheprovider \
   -k "(fit_step and (resnet18 or eager)) or service" --benchmark-json="$OUT/json/speed_cuda.json" \
   && table speed "Fit-step modes and the service on CUDA"
+# the one table: ResNet-18 224² two-sided and checked (alone, 64 per call), the amortised path, and the
+# fit-step modes and the service from bench_speed's JSON (issue 29's targets)
+step gpu_targets 150 $PY benchmarks/gpu_targets.py --device cuda --n 64 --speed-json "$OUT/json/speed_cuda.json" \
+  --out "$OUT/gpu_targets" && cat "$OUT/gpu_targets.md"
 step profile 60 $PY benchmarks/profile_explain.py --device cuda --model resnet18 --size 224 --steps 10 \
   --out "$OUT/profile_cuda.md" && head -40 "$OUT/profile_cuda.md"
 

@@ -90,9 +90,14 @@ def main(argv=None) -> int:
         "two-sided default (fit), one by one": {"config": {}, "batched": False},
         "two-sided, checks='full', batched": {"config": {"checks": "full"}, "batched": True},
         "one-sided (necessary=None), batched": {"config": {"necessary": None}, "batched": True},
+        "two-sided, skip_untestable=False, batched": {"config": {"skip_untestable": False}, "batched": True},
         "amortised, two-sided, batched": {"config": {}, "batched": True, "amortised": str(EXPLAINER)},
         "amortised, two-sided, checks='full', batched": {"config": {"checks": "full"}, "batched": True,
                                                          "amortised": str(EXPLAINER)},
+        "amortised, two-sided, necessary='shared' (no occlusion map), batched": {
+            "config": {"necessary": "shared"}, "batched": True, "amortised": str(EXPLAINER)},
+        "amortised, one-sided, batched": {"config": {"necessary": None}, "batched": True,
+                                          "amortised": str(EXPLAINER)},
     }
     t0 = time.time()
     res = run_timer(rows, args.threads, args.rounds)

@@ -167,3 +167,23 @@ def test_random_control_stops_as_soon_as_settled(keeps):
                                                           cfg, 0)], 64)[0]
     passes = run_jobs(forward, [_random_control(img, 0.0625, "preservation", 1.0, cfg, 0)], 64)[1][0]
     assert (rate, drawn, passes) == ((1.0, 4, 12) if keeps else (0.0, 13, 13))
+
+
+def test_no_fit_where_nothing_can_be_shown():
+    """An image whose every fill alone gives its label (unmarked: class 0 everywhere) is neither
+    fitted nor occluded: steps 0, empty masks, null_keeps_label; the marked image beside it gets
+    exactly the explanation it gets alone. With skip_untestable off it is fitted, to the same status."""
+    model, marked = _two_cue(False, 1)
+    plain, _ = make_two_cue(1, seed=9)
+    x = torch.cat([marked, plain])
+    cfg = MedCAMConfig(**FAST)
+    both = explain(model, x, config=cfg, seed=0)
+    alone = explain(model, marked, config=cfg, seed=0)
+    assert both.label.tolist() == [1, 0] and both.status[1] == both.necessary_status[1] == "null_keeps_label"
+    assert both.steps.tolist() == [int(alone.steps[0]), 0]
+    assert not both.mask[1].any() and not both.necessary_mask[1].any()
+    assert torch.equal(both.ranking[0], alone.ranking[0]) and torch.equal(both.mask[0], alone.mask[0])
+    assert torch.equal(both.necessary_ranking[0], alone.necessary_ranking[0])
+    assert both.status[0] == alone.status[0] and both.necessary_status[0] == alone.necessary_status[0]
+    fitted = explain(model, x, config=cfg.replace(skip_untestable=False), seed=0)
+    assert int(fitted.steps[1]) > 0 and fitted.status[1] == "null_keeps_label"

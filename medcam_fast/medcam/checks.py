@@ -16,8 +16,9 @@ shortcuts and one search give the same decisions:
   on val is measured (``benchmarks/adaptive_checks_val.py``).
 * **Sequential random controls.** Random blobs are drawn in the full test's order and stop as
   soon as the verdict ``rate <= random_bound`` over ``n_random`` draws is fixed whatever the rest
-  would give (curtailment, exact), or an exact one-sided binomial (Clopper-Pearson) bound at
-  ``random_confidence`` settles the rate against the bound. The rate reported is over the draws run.
+  would give (curtailment, exact), or, with ``random_confidence`` set (off by default; with 16
+  draws curtailment decides first), once an exact one-sided binomial (Clopper-Pearson) bound
+  settles the rate against the bound. The rate reported is over the draws run.
 * **The control only where it can matter.** The status rules test the random control only after
   the side passes (:func:`.verify.side_status`), so it is skipped where no candidate passes
   (``random_pass`` NaN, ``random_draws`` 0), and every check is skipped where no fill is certified.
@@ -148,11 +149,12 @@ def random_verdict(passes: int, draws: int, k: int, bound: float, confidence: fl
     return None
 
 
-def _random_control(img: _Image, area: float, side: str, need: float, cfg, seed: int):
-    """Job step: random blobs of ``area`` (the full test's draws, in its order) kept or removed
-    like the mask, drawn in the fewest that could settle the verdict. Returns (rate, draws)."""
+def _random_control(img: _Image, area: float, side: str, need: float, cfg, seed: int, scores=None):
+    """Job step: random blobs of ``area`` (the full test's draws, in its order; ``scores`` their
+    :func:`.sufficiency.random_blob_scores`) kept or removed like the mask, drawn in the fewest
+    that could settle the verdict. Returns (rate, draws)."""
     size = tuple(img.x.shape[-2:])
-    blobs = sufficiency.random_blob_masks(torch.tensor([area]), cfg.n_random, size, seed)[0].to(img.x.device)
+    blobs = sufficiency.random_blob_masks(torch.tensor([area]), cfg.n_random, size, seed, scores)[0].to(img.x.device)
     k, bound = cfg.n_random, cfg.random_bound
     allowed = math.floor(bound * k + 1e-9)
     passes = drawn = 0
@@ -235,7 +237,7 @@ def _side_job(img: _Image, masks, side: str, need: float, cfg, objective: str, t
     return dict(zip(_SEARCH_KEYS, (yield from _search(img, masks, areas, side, need, cfg, objective))))
 
 
-def _chosen_job(img: _Image, mask, side: str, need: float, cfg, seed: int, passed: bool | None):
+def _chosen_job(img: _Image, mask, side: str, need: float, cfg, seed: int, passed: bool | None, scores=None):
     """Job: the chosen mask's extras. ``passed`` None (the sufficient side under another objective
     than preservation): its preservation test first. The sufficient side: its deletion under every
     counted fill, f on the baseline evidence and on the outline alone. Both: the random control
@@ -255,7 +257,7 @@ def _chosen_job(img: _Image, mask, side: str, need: float, cfg, seed: int, passe
                    shape_margin=float(sufficiency.margins(logits[1:], torch.tensor([img.label]))[0]))
     if passed:
         area = float(mask.float().mean())
-        out["random_pass"], out["random_draws"] = yield from _random_control(img, area, side, need, cfg, seed)
+        out["random_pass"], out["random_draws"] = yield from _random_control(img, area, side, need, cfg, seed, scores)
     return out
 
 
@@ -302,13 +304,14 @@ def adaptive_checks(forward, x: torch.Tensor, label: torch.Tensor, sufficient_lo
         idx, notes = choose(masks, names, got["meets"].to(dev), got["score"].to(dev), testable, cfg)
         found.append((got, idx.cpu(), masks[rows, idx], [f"{names[int(j)]}: {notes[i]}" for i, j in enumerate(idx)]))
     # round 2: the chosen masks' extras and random controls, both sides together
+    scores = sufficiency.random_blob_scores(cfg.n_random, tuple(x.shape[-2:]), seed)
     jobs = []
     for s, (side, _, objective) in enumerate(sides):
         got, idx, mask, _ = found[s]
         chosen_meets = got["meets"][torch.arange(n), idx] & testable.cpu()
         own = objective == "preservation" or side == "deletion"   # passed = the side's own test
         jobs += [_chosen_job(imgs[i], mask[i], side, side_need[side][i], cfg, seed,
-                             bool(chosen_meets[i]) if own else None) for i in range(n)]
+                             bool(chosen_meets[i]) if own else None, scores) for i in range(n)]
     extras, passes2 = run_jobs(forward, jobs, cfg.max_batch)
     out = []
     for s, (side, _, objective) in enumerate(sides):

@@ -63,8 +63,12 @@ class MedCAMConfig:
     checks: str = "adaptive"         # "adaptive": the same decisions in tens of passes (bisected area grid,
                                      # one fill at a time, sequential random controls; medcam.checks);
                                      # "full": every candidate under every fill (the evaluation tables' test)
-    random_confidence: float | None = 0.95  # adaptive random controls also stop once an exact binomial bound
-                                     # at this confidence clears random_bound (None: curtailment alone)
+    random_confidence: float | None = None  # adaptive random controls: None stops only once the full test's
+                                     # verdict is fixed (curtailment: exact); a confidence also stops once an
+                                     # exact binomial bound clears random_bound (with 16 draws curtailment
+                                     # decides first: 0.95 gave the same val statuses and passes)
+    skip_untestable: bool = True     # no fit and no occlusion map where no fill is certified: nothing can be
+                                     # shown there either way (null_keeps_label); empty masks, steps 0
     audit_counterfactual: bool = False  # also compute kept_robust on other images' context (audit only)
     # --- U-Net explainer
     unet_widths: tuple[int, ...] = (16, 32, 64)

@@ -238,21 +238,10 @@ class Explainer:
             if cfg.background == "counterfactual" or cfg.audit_counterfactual:
                 pool = build_pool(self._frozen_forward, x, label, reference, cfg.n_robust, seed, cfg.max_batch,
                                   cfg.batch_as_reference)
-            # record_function ranges: the stages a torch.profiler run reports (benchmarks/profile_explain.py)
-            with record_function("medcam.sufficient_ranking"):
-                if self.amortised is None:
-                    logits, steps = self._fit(x, label, logits_x, feats_x, pool, fills, seed, step_clf)
-                else:
-                    logits, steps = self._amortised(x, label, logits_x, feats_x, pool, fills, seed, step_clf, refine)
+            logits, steps, ranking = self._rankings(x, label, logits_x, feats_x, pool, fills, seed, step_clf, refine)
             soft = torch.sigmoid(logits / cfg.mask_temperature)
             need = sufficiency.required_margin(sufficiency.margins(logits_x.detach(), label), cfg.keep_margin,
                                                cfg.keep_share)
-            ranking = None
-            if cfg.necessary is not None:
-                ctx = {"x": x, "label": label, "logits_x": logits_x, "feats_x": feats_x, "pool": pool,
-                       "fills": fills, "seed": seed, "step_clf": step_clf, "sufficient_logits": logits.detach()}
-                with record_function("medcam.necessary_ranking"):
-                    ranking = get_necessary_source(cfg.necessary)(self, ctx).detach()
             verdict, necessary = self._check(x, label, logits.detach(), ranking, fills, pool, need, seed)
             if necessary is not None:
                 necessary["ranking"] = ranking[:, 0]
@@ -289,6 +278,47 @@ class Explainer:
             source="fit" if self.amortised is None else "amortised+refine" if refine else "amortised",
             n_random=cfg.n_random, checks=cfg.checks, check_passes=cpu["check_passes"],
             random_draws=cpu["random_draws"], **two)
+
+    def _rankings(self, x, label, logits_x, feats_x, pool, fills, seed, step_clf, refine):
+        """Both sides' mask logits ``[N,1,H,W]`` (the necessary side's None when it is off) and the
+        fit's steps ``[N]``. With ``skip_untestable`` only the images with a certified fill are
+        fitted and occluded: elsewhere nothing can be shown either way (``null_keeps_label``), so
+        their logits are a constant below the threshold (an empty mask) and their steps 0."""
+        cfg, n = self.config, x.shape[0]
+        rows = None
+        if cfg.skip_untestable and self.mode == "fast" and not cfg.mask_fills and cfg.background != "counterfactual":
+            testable = fills.certified.any(1)
+            rows = None if bool(testable.all()) else testable.nonzero().flatten()
+        if rows is None:
+            return self._rank(x, label, logits_x, feats_x, pool, fills, seed, step_clf, refine)
+        thr_logit = cfg.mask_temperature * math.log(cfg.threshold / (1 - cfg.threshold))
+        logits = torch.full((n, 1, *x.shape[2:]), thr_logit - 1.0, device=x.device, dtype=x.dtype)
+        steps = torch.zeros(n, dtype=torch.long)
+        ranking = None if cfg.necessary is None else logits.clone()
+        if rows.numel():
+            sub = self._rank(x[rows], label[rows], logits_x[rows], [f[rows] for f in feats_x], None, fills.select(rows),
+                             seed, step_clf, refine)
+            logits[rows], steps[rows.cpu()] = sub[0].to(logits.dtype), sub[1]
+            if ranking is not None:
+                ranking[rows] = sub[2].to(ranking.dtype)
+        return logits, steps, ranking
+
+    def _rank(self, x, label, logits_x, feats_x, pool, fills, seed, step_clf, refine):
+        """:meth:`_rankings` of every image of ``x``."""
+        cfg = self.config
+        # record_function ranges: the stages a torch.profiler run reports (benchmarks/profile_explain.py)
+        with record_function("medcam.sufficient_ranking"):
+            if self.amortised is None:
+                logits, steps = self._fit(x, label, logits_x, feats_x, pool, fills, seed, step_clf)
+            else:
+                logits, steps = self._amortised(x, label, logits_x, feats_x, pool, fills, seed, step_clf, refine)
+        ranking = None
+        if cfg.necessary is not None:
+            ctx = {"x": x, "label": label, "logits_x": logits_x, "feats_x": feats_x, "pool": pool,
+                   "fills": fills, "seed": seed, "step_clf": step_clf, "sufficient_logits": logits.detach()}
+            with record_function("medcam.necessary_ranking"):
+                ranking = get_necessary_source(cfg.necessary)(self, ctx).detach()
+        return logits.detach(), steps, ranking
 
     def _check(self, x, label, logits, ranking, fills, pool, need, seed) -> tuple[dict, dict | None]:
         """Both sides' checks (``ranking`` None: the sufficient side alone) by ``config.checks``:

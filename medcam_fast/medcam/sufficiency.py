@@ -244,12 +244,18 @@ def flipped(res: SideResult, use: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return (best < 0) & ~none, torch.where(none, torch.full_like(prob, float("nan")), prob)
 
 
-def random_blob_masks(area: torch.Tensor, k: int, size: tuple[int, int], seed: int) -> torch.Tensor:
-    """``[N,k,H,W]`` bool random blobs at each image's ``area`` ``[N]``; every image draws the same
-    k blob maps from ``seed`` (alone or in a batch)."""
+def random_blob_scores(k: int, size: tuple[int, int], seed: int) -> torch.Tensor:
+    """``[k,H,W]``: the smooth random scores whose top-a pixels are the random blobs of ``seed``."""
     from ..evaluation.masking import blob_scores  # evaluation imports medcam: not at module level
 
-    scores = blob_scores(k, size, torch.Generator().manual_seed(int(seed) * 1_000_003 + 29))
+    return blob_scores(k, size, torch.Generator().manual_seed(int(seed) * 1_000_003 + 29))
+
+
+def random_blob_masks(area: torch.Tensor, k: int, size: tuple[int, int], seed: int,
+                      scores: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N,k,H,W]`` bool random blobs at each image's ``area`` ``[N]``; every image draws the same
+    k blob maps from ``seed`` (alone or in a batch), or cuts ``scores`` (:func:`random_blob_scores`)."""
+    scores = random_blob_scores(k, size, seed) if scores is None else scores
     n = area.shape[0]
     a = area.detach().double().cpu()[:, None].expand(-1, k).reshape(-1)
     return top_k_mask(scores.repeat(n, 1, 1), a).view(n, k, *size).to(area.device)
