@@ -6,7 +6,8 @@ batched, the amortised path, and (from bm_speed's JSON) the fit step's modes and
 Rows measured here, each after an untimed warm-up call: ResNet-18 (random init, 3 classes) at
 224², the two-sided default with the adaptive checks, one image per call (median of ``--alone``
 calls) and ``--n`` images in one call; ``skip_untestable=False``, since with random weights a fill
-alone often gives the label and the skipped images would time nothing. The amortised path: the
+alone often gives the label and the skipped images would time nothing (such images still get only
+the 2 plain passes of checks: the passes column says how many ran). The amortised path: the
 demo classifier with its bundled amortised explainer, two-sided and checked, ``--n`` images (its
 128² samples repeated). Targets (issue 29): at most 0.25 s per image alone, at least 60 images/s
 batched. ``--speed-json``: bm_speed.py's results (eager / compiled / CUDA-graph steps, fp32 / bf16,
