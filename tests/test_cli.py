@@ -309,11 +309,13 @@ def test_train_explainer_then_explain_with_it(tmp_path):
     assert out.with_suffix(".ckpt").is_file()
     rc, stdout, stderr = run(argv)                                   # rerun: resumes from its checkpoint, done
     assert rc == 0 and json.loads(out.with_suffix(".json").read_text())["training"]["resumed_from_step"] == 2
-    rc, stdout, stderr = run(["explain", "--model", "demo", "--input", SAMPLES[0].path, SAMPLES[5].path, "--out",
-                              tmp_path / "o", "--explainer", out, "--refine", 2, "--device", "cpu"])
+    # samples with a certified fill (an image without one is not refined: nothing can be shown there)
+    rc, stdout, stderr = run(["explain", "--model", "demo", "--input", SAMPLES[3].path, SAMPLES[6].path, SAMPLES[0].path,
+                              "--out", tmp_path / "o", "--explainer", out, "--refine", 2, "--device", "cpu"])
     assert rc == 0, stderr
     rows = json.loads((tmp_path / "o" / "results.json").read_text())["rows"]
-    assert [r["source"] for r in rows] == ["amortised+refine"] * 2 and [r["steps"] for r in rows] == [2, 2]
+    assert [r["source"] for r in rows] == ["amortised+refine"] * 3 and [r["steps"] for r in rows] == [2, 2, 0]
+    assert rows[2]["status"] == "null_keeps_label" and rows[2]["certified_fills"] == "none"
     # an explainer for another classifier is refused with the reason, not a traceback
     rc, _, stderr = run(["explain", "--model", f"timm:resnet10t:{_tiny_timm(tmp_path)}", "--input", SAMPLES[0].path,
                          "--out", tmp_path / "o2", "--explainer", out, "--device", "cpu"])
