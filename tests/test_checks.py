@@ -114,6 +114,9 @@ def test_binomial_bounds_are_exact():
     assert lo == 0 and hi == pytest.approx(1 - 0.05 ** (1 / 14))
     lo, hi = binomial_bounds(5, 5, 0.95)
     assert hi == 1 and lo == pytest.approx(0.05 ** (1 / 5))
+    # Beta quantiles (scipy.stats.beta.ppf(0.05, 3, 2) and .ppf(0.95, 3, 18)): no scipy needed at run time
+    assert binomial_bounds(3, 4, 0.95)[0] == pytest.approx(0.2486046257, abs=1e-8)
+    assert binomial_bounds(2, 20, 0.95)[1] == pytest.approx(0.2826, abs=1e-4)
     # with many draws and no passes the bound decides before curtailment would
     assert random_verdict(0, 30, 64, 0.2, 0.95) == "below" and random_verdict(0, 30, 64, 0.2, None) is None
     assert random_verdict(13, 20, 64, 0.2, 0.95) == "above" and random_verdict(13, 20, 64, 0.2, None) == "above"

@@ -120,14 +120,26 @@ def _test(img: _Image, masks: torch.Tensor, side: str, need: float, early_exit: 
     return alive & (len(cols) > 0), ext, prob, top1, ran == len(cols)
 
 
+def _binomial_cdf(s: int, n: int, p: float) -> float:
+    """P(X <= s) for X ~ Binomial(n, p)."""
+    return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(s + 1))
+
+
+def _solve(f, target: float) -> float:
+    """The p in [0, 1] with ``f(p) == target`` for ``f`` decreasing in p (bisection to 1e-12)."""
+    lo, hi = 0.0, 1.0
+    while hi - lo > 1e-12:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) > target else (lo, mid)
+    return (lo + hi) / 2
+
+
 def binomial_bounds(passes: int, draws: int, confidence: float) -> tuple[float, float]:
     """Exact one-sided Clopper-Pearson (lower, upper) bounds on a rate with ``passes`` of ``draws``,
-    each at ``confidence``."""
-    from scipy.stats import beta
-
+    each at ``confidence``: P(X >= passes | lower) = P(X <= passes | upper) = 1 - confidence."""
     a = 1 - confidence
-    lo = 0.0 if passes == 0 else float(beta.ppf(a, passes, draws - passes + 1))
-    hi = 1.0 if passes == draws else float(beta.ppf(1 - a, passes + 1, draws - passes))
+    lo = 0.0 if passes == 0 else _solve(lambda p: _binomial_cdf(passes - 1, draws, p), 1 - a)
+    hi = 1.0 if passes == draws else _solve(lambda p: _binomial_cdf(passes, draws, p), a)
     return lo, hi
 
 

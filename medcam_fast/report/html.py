@@ -139,7 +139,7 @@ def write_report(out_dir, rows: list[dict], panels: list, class_names, title: st
              "kept, by a margin, with the removed pixels taken from every certified fill. a*: the smallest area "
              "at which the ranking's top pixels are sufficient (the evidence curve in each panel). random_pass: "
              "the share of random blobs of the mask's area that pass the same test (status ok needs at most "
-             "20%). flipped when removed: the label lost with the mask's pixels filled instead. area: fraction "
+             "20%; n/a where the mask did not pass, since the adaptive checks then draw none). flipped when removed: the label lost with the mask's pixels filled instead. area: fraction "
              "of pixels kept. p(label | blank): the classifier on the baseline image alone. kept_robust: an "
              "audit, pasted onto other images (n/a unless asked for). The necessary side (when computed): the "
              "smallest region whose removal, under every certified fill, changes the call; random regions "
