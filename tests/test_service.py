@@ -130,3 +130,74 @@ def test_rejects_what_is_not_an_explainer():
         ExplainerService(object())
     with pytest.raises(ValueError, match="max_batch"):
         ExplainerService(Explainer(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))), max_batch=0)
+
+
+def test_requests_on_other_devices_are_batched_apart(setup):
+    """Two same-shape requests on different devices are two batches, not one torch.stack that
+    fails outside the batch's error handling: the bad one fails alone, the worker lives on."""
+    model, x = setup
+    with ExplainerService(Explainer(model, CFG), max_batch=4, window=0.3) as service:
+        good = service.submit(x[0])
+        bad = service.submit(x[1].to("meta"))
+        assert len(good.result(timeout=120)) == 1
+        with pytest.raises(Exception):
+            bad.result(timeout=120)
+        assert all(len(b.ids) == 1 for b in service.batches)
+        assert len(service.submit(x[2]).result(timeout=120)) == 1   # the worker is alive
+    assert service.worker_error is None
+
+
+def test_a_failing_worker_resolves_every_request_and_refuses_new_ones(setup, monkeypatch):
+    """Whatever kills the worker, the requests it held and those still queued fail with
+    ServiceClosed instead of hanging, and submit refuses from then on."""
+    model, x = setup
+    ex = _Gated(model, CFG)
+    service = ExplainerService(ex, max_batch=1, window=0.0)
+
+    def broken(batch):
+        ex.gate.wait(60)
+        raise RuntimeError("worker fault")
+
+    monkeypatch.setattr(service, "_serve", broken)
+    taken = service.submit(x[0])
+    time.sleep(0.3)                       # the worker holds it in the broken _serve
+    queued = service.submit(x[1])
+    ex.gate.set()
+    for fut in (taken, queued):
+        with pytest.raises(ServiceClosed, match="worker fault"):
+            fut.result(timeout=60)
+    service.close()
+    assert isinstance(service.worker_error, RuntimeError)
+    with pytest.raises(ServiceClosed):
+        service.submit(x[2])
+
+
+def test_submit_racing_close_never_leaves_a_future_unresolved(setup):
+    """Clients submitting while the service closes: each submit either raises ServiceClosed or
+    returns a Future that resolves (a result or ServiceClosed), none hangs."""
+    model, x = setup
+    for _ in range(3):
+        service = ExplainerService(Explainer(model, CFG.replace(steps=10, min_steps=10)), max_batch=8, window=0.0)
+        futures, refused, go = [], [], threading.Event()
+
+        def client(i):
+            go.wait()
+            for _ in range(3):
+                try:
+                    futures.append(service.submit(x[i % x.shape[0]]))
+                except ServiceClosed:
+                    refused.append(i)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        go.set()
+        service.close()
+        for t in threads:
+            t.join(60)
+        for fut in futures:
+            try:
+                fut.result(timeout=120)
+            except ServiceClosed:
+                pass
+        assert len(futures) + len(refused) == 12

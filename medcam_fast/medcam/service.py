@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import torch
@@ -40,7 +40,8 @@ class _Request:
 
     @property
     def key(self) -> tuple:
-        return (tuple(self.x.shape), self.x.dtype, self.seed, self.target is None)
+        """What a batch shares: images of one shape, dtype and device stack into one call."""
+        return (tuple(self.x.shape), self.x.dtype, str(self.x.device), self.seed, self.target is None)
 
 
 @dataclass
@@ -78,6 +79,8 @@ class ExplainerService:
         self._closed = threading.Event()
         self._cancel = False
         self._ids = iter(range(1 << 62))
+        self._submit_lock = threading.Lock()   # "closed" and an enqueue never interleave
+        self.worker_error: BaseException | None = None
         self._id_lock = threading.Lock()
         self.batches: deque = deque(maxlen=1000) if record else deque(maxlen=0)
         self._worker = threading.Thread(target=self._run, name="medcam-fast-service", daemon=True)
@@ -106,10 +109,13 @@ class ExplainerService:
         with self._id_lock:
             req.id = next(self._ids)
         req.future.request_id = req.id
-        try:
-            self._queue.put_nowait(req)
-        except queue.Full:
-            raise ServiceFull(f"{self._queue.maxsize} requests are waiting; retry later") from None
+        with self._submit_lock:   # a request enqueued here is seen by the worker before it can stop
+            if self._closed.is_set():
+                raise ServiceClosed("the ExplainerService is closed")
+            try:
+                self._queue.put_nowait(req)
+            except queue.Full:
+                raise ServiceFull(f"{self._queue.maxsize} requests are waiting; retry later") from None
         return req.future
 
     def explain(self, x: torch.Tensor, target: int | None = None, seed: int = 0,
@@ -121,7 +127,8 @@ class ExplainerService:
         """Takes no new requests; the queued ones are served (or cancelled with
         ``cancel_pending``); with ``wait``, returns when the worker has stopped."""
         self._cancel = self._cancel or cancel_pending
-        self._closed.set()
+        with self._submit_lock:
+            self._closed.set()
         if wait:
             self._worker.join()
 
@@ -191,20 +198,39 @@ class ExplainerService:
         return True
 
     def _run(self) -> None:
-        while True:
-            batch = self._gather()
-            if not batch:
-                return
-            self._serve(batch)
+        """Serves batches until closed and empty. Should anything fail outside a batch's own
+        error handling, the service closes (``worker_error`` says why) and every request taken or
+        waiting fails with ServiceClosed: no Future is left unresolved, and ``submit`` raises
+        ServiceClosed from then on."""
+        batch: list[_Request] = []
+        try:
+            while True:
+                batch = self._gather()
+                if not batch:
+                    return
+                self._serve(batch)
+                batch = []
+        except BaseException as exc:   # noqa: BLE001 - handed to every waiting caller below
+            self.worker_error = exc
+        finally:
+            with self._submit_lock:
+                self._closed.set()
+            why = "was closed" if self.worker_error is None else f"stopped: {self.worker_error!r}"
+            for req in [*batch, *self._drain()]:
+                try:
+                    if not req.future.done():
+                        req.future.set_exception(ServiceClosed(f"the ExplainerService {why}"))
+                except InvalidStateError:   # cancelled by its caller meanwhile
+                    pass
 
     def _serve(self, batch: list[_Request]) -> None:
         batch = [r for r in batch if r.future.set_running_or_notify_cancel()]   # not cancelled meanwhile
         if not batch:
             return
         t0 = time.perf_counter()
-        x = torch.stack([r.x for r in batch])
-        target = None if batch[0].target is None else torch.tensor([r.target for r in batch])
         try:
+            x = torch.stack([r.x for r in batch])
+            target = None if batch[0].target is None else torch.tensor([r.target for r in batch])
             res = self.explainer(x, target=target, seed=batch[0].seed)
         except Exception as exc:  # one bad request must not fail the others: serve them one by one
             if len(batch) == 1:
@@ -215,7 +241,10 @@ class ExplainerService:
             return
         self.batches.append(BatchRecord([r.id for r in batch], time.perf_counter() - t0))
         for i, r in enumerate(batch):
-            r.future.set_result(res.select(i))
+            try:
+                r.future.set_result(res.select(i))
+            except Exception as exc:  # noqa: BLE001 - this caller's result only
+                r.future.set_exception(exc)
 
     def _serve_one(self, r: _Request) -> None:
         t0 = time.perf_counter()
