@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -142,7 +143,11 @@ def train_explainer(model: torch.nn.Module, images: torch.Tensor, config: MedCAM
         history, step0, earlier = [], 0, 0.0   # earlier: seconds of the runs before a resume
         ckpt = Path(checkpoint) if checkpoint is not None else None
         if ckpt is not None and ckpt.is_file():
-            state = torch.load(ckpt, map_location=device, weights_only=False)
+            try:   # tensors and plain containers only: no unpickling of arbitrary objects
+                state = torch.load(ckpt, map_location=device, weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - an unreadable or foreign checkpoint, said plainly
+                raise ValueError(f"checkpoint {str(ckpt)!r} cannot be read as a training checkpoint ({exc}); "
+                                 "remove it or pass another --checkpoint") from exc
             if state["fingerprint"] != fingerprint or state["recipe"] != asdict(recipe) \
                     or state["input_shape"] != [c, h, w]:
                 raise ValueError(f"checkpoint {str(ckpt)!r} is of another classifier, recipe or input shape; "
@@ -167,10 +172,12 @@ def train_explainer(model: torch.nn.Module, images: torch.Tensor, config: MedCAM
                 history.append({"step": step + 1, **{key: round(v, 5) for key, v in running.items()}})
             if ckpt is not None and ((step + 1) % recipe.checkpoint_every == 0 or step + 1 == recipe.steps):
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                part = ckpt.with_name(ckpt.name + ".part")   # written whole, then renamed: a kill never
+                torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),  # leaves half
                             "gen": gen.get_state(), "history": history, "step": step + 1, "fingerprint": fingerprint,
                             "recipe": asdict(recipe), "input_shape": [c, h, w],
-                            "seconds": earlier + time.perf_counter() - start}, ckpt)
+                            "seconds": earlier + time.perf_counter() - start}, part)
+                os.replace(part, ckpt)
         if bar is not None:
             bar.close()
     net.eval()
