@@ -271,7 +271,7 @@ def _add_common(p, model: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="medcam-fast", description="Med-CAM: the smallest binary region of a "
                                  "medical image that on its own keeps a classifier's diagnosis, checked.",
-                                 epilog="exit codes: 0 ok, 1 some inputs failed, 2 bad usage or input")
+                                 epilog="exit codes: 0 ok, 1 some inputs failed, 2 bad usage or input, 3 out of memory")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="explain the bundled brain MRI samples with the bundled classifier")
@@ -370,6 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:        # bad input: the package's message, no traceback
         print(f"medcam-fast: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:      # out of memory is not bad input: said as what it is
+        from .medcam.verify import is_oom
+
+        if not is_oom(exc):
+            raise
+        print(f"medcam-fast: error: out of memory ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+              "try fewer images per call (--batch), a smaller --size or another --device", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("medcam-fast: interrupted", file=sys.stderr)
         return 130

@@ -190,3 +190,57 @@ def test_no_fit_where_nothing_can_be_shown():
     assert both.status[0] == alone.status[0] and both.necessary_status[0] == alone.necessary_status[0]
     fitted = explain(model, x, config=cfg.replace(skip_untestable=False), seed=0)
     assert int(fitted.steps[1]) > 0 and fitted.status[1] == "null_keeps_label"
+
+
+def test_checks_halve_their_batches_on_out_of_memory():
+    """A classifier pass that runs out of memory above 3 images is retried at half the size, with a
+    warning, and gives the same logits; at one image the error is raised as out of memory."""
+    from medcam_fast.medcam.verify import batched_logits
+
+    def forward(x):
+        if x.shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return x.flatten(1)[:, :2] * 2
+
+    x = torch.randn(10, 1, 4, 4)
+    with pytest.warns(RuntimeWarning, match="halving"):
+        out = batched_logits(forward, x, 8)
+    assert torch.equal(out, x.flatten(1)[:, :2] * 2)
+
+    def never(x):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+    with pytest.raises(RuntimeError, match="allocate"), pytest.warns(RuntimeWarning):
+        batched_logits(never, x, 4)
+
+
+class _OomModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3)
+
+    def forward(self, x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_out_of_memory_is_reported_as_out_of_memory(monkeypatch):
+    """explain() lets the out-of-memory error through (not "the model cannot take x"), and the
+    command line says "out of memory" and exits 3, not 2 as for bad input."""
+    with pytest.raises(torch.OutOfMemoryError):
+        explain(_OomModel(), torch.randn(1, 1, 16, 16))
+    from medcam_fast import cli
+
+    def oom(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    for action in parser._subparsers._group_actions[0].choices.values():
+        action.set_defaults(func=oom)
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli.main(["info"])
+    assert rc == 3 and "out of memory" in err.getvalue()

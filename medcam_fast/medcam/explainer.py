@@ -22,16 +22,9 @@ from .result import Explanation
 from . import sufficiency
 from .checks import adaptive_checks
 from .necessary import get_necessary_source, verify_necessary, with_statuses
-from .verify import batched_logits, candidate_masks, choose, kept_robust_of_masks, status_of
+from .verify import batched_logits, candidate_masks, choose, is_oom, kept_robust_of_masks, status_of
 
 MIN_SIDE = 8
-
-
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    msg = str(exc).lower()
-    return "out of memory" in msg or "can't allocate memory" in msg
 
 
 def _validate_x(x) -> torch.Tensor:
@@ -201,6 +194,8 @@ class Explainer:
         try:
             self.classifier.prepare(x)
         except RuntimeError as exc:
+            if is_oom(exc):   # not a bad input: said as what it is
+                raise
             raise ValueError(f"the model cannot take x of shape {tuple(x.shape)} (channels or size do not "
                              f"fit it): {exc}") from exc
         channels_last = resolve_channels_last(cfg, self.device)
@@ -209,6 +204,8 @@ class Explainer:
                 try:
                     logits_x, feats_x = self.classifier.forward(x, with_activations=True)
                 except RuntimeError as exc:
+                    if is_oom(exc):
+                        raise
                     raise ValueError(f"the model cannot take x of shape {tuple(x.shape)} (channels or size do not "
                                      f"fit it): {exc}") from exc
             if not torch.is_tensor(logits_x) or logits_x.dim() != 2 or logits_x.shape[0] != x.shape[0] \
@@ -436,7 +433,7 @@ class Explainer:
                 fit = fit_fast(self.classifier, x[sl], label[sl], targets, self._sampler(x[sl], pool, fills, sl, seed),
                                cfg, seed, step_clf=step_clf, base=None if base is None else base[sl])
             except (torch.OutOfMemoryError, RuntimeError) as exc:
-                if not _is_oom(exc) or e - s == 1:
+                if not is_oom(exc) or e - s == 1:
                     raise
                 if x.is_cuda:
                     torch.cuda.empty_cache()
