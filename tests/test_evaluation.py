@@ -209,3 +209,22 @@ def test_amortised_rows(tmp_path):
     assert all("status" in r and "sufficient" in r for r in records)
     with pytest.raises(ValueError, match="needs an amortised explainer"):
         Evaluation(model, data, tmp_path / "run2", EvalOptions(methods=("amortised",), batch=2, n_robust=4)).run()
+
+
+def test_a_half_written_last_record_is_dropped_and_redone(tmp_path):
+    """A run killed mid-write leaves a partial last line in records.jsonl: resume drops it, cuts it
+    from the file (the next append starts a clean line) and keeps the complete records."""
+    from medcam_fast.evaluation.runner import _load_done
+
+    path = tmp_path / "records.jsonl"
+    good = ['{"method": "medcam", "id": "a", "v": 1}', '{"method": "medcam", "id": "b", "v": 2}']
+    path.write_text("\n".join(good) + '\n{"method": "medcam", "id": "c", "v"')
+    done = _load_done(path)
+    assert set(done) == {("medcam", "a"), ("medcam", "b")}
+    assert path.read_text() == "\n".join(good) + "\n"
+    with open(path, "a") as f:
+        f.write('{"method": "medcam", "id": "c", "v": 3}\n')
+    assert set(_load_done(path)) == {("medcam", "a"), ("medcam", "b"), ("medcam", "c")}
+    path.write_text(good[0] + "\nnot json\n" + good[1] + "\n")
+    with pytest.raises(ValueError, match="line 2"):
+        _load_done(path)

@@ -77,12 +77,30 @@ class EvalOptions:
 
 
 def _load_done(path: Path) -> dict:
+    """The records of ``records.jsonl`` by (method, id). A half-written last line (a run killed
+    mid-write: no newline at its end, or no JSON) is dropped and cut from the file, so it is redone;
+    a bad line before the last is corruption and raises ValueError."""
     done = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
+    if not path.is_file():
+        return done
+    text = path.read_text()
+    lines = text.split("\n")
+    complete, tail = lines[:-1], lines[-1]        # tail: "" when the file ends with a newline
+    if tail.strip() == "" and complete:
+        try:
+            json.loads(complete[-1]) if complete[-1].strip() else None
+        except json.JSONDecodeError:
+            tail = complete.pop() + "\n" + tail
+    if tail.strip():
+        with open(path, "r+") as f:   # cut the partial record: the next append starts a clean line
+            f.truncate(len(text.encode()) - len(tail.encode()))
+    for n, line in enumerate(complete, 1):
+        if line.strip():
+            try:
                 r = json.loads(line)
-                done[(r["method"], r["id"])] = r
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: line {n} is not a JSON record ({exc}); the file is corrupt") from exc
+            done[(r["method"], r["id"])] = r
     return done
 
 
