@@ -1,4 +1,5 @@
 """Evaluation harness: sufficiency measures with known answers, and a small resumable run."""
+import copy
 import json
 
 import pytest
@@ -9,6 +10,7 @@ from medcam_fast import MedCAMConfig
 from medcam_fast.evaluation import (EvalOptions, EvalSet, Evaluation, area_to_sufficiency, example_grid, example_maps,
                                     evidence_curve, kept_robust_of_masks, pick_backgrounds, write_report)
 from medcam_fast.medcam import sufficiency
+from medcam_fast.runstate import ManifestMismatch
 
 from planted import CornerClassifier, make_planted, train_tiny_cnn
 
@@ -100,11 +102,25 @@ def test_patchnet_saliency_is_a_method(tmp_path):
     with torch.no_grad():
         assert model(x).argmax(1).tolist() == [1, 1, 1, 1] and set(model(xp).argmax(1).tolist()) == {0, 1}
     data = EvalSet("planted", x, [f"p{i}" for i in range(4)], gt, xp, x, gt)
-    ev = Evaluation(model, data, tmp_path, EvalOptions(methods=("patchnet_raw", "patchnet_smooth"), batch=4,
-                                                       n_robust=2))
+    # another classifier's cached thresholds in the same folder are never read as this one's
+    (tmp_path / "thresholds.json").write_text(json.dumps({"0123456789abcdef": {"patchnet_raw": 99.0}}))
+    opts = EvalOptions(methods=("patchnet_raw", "patchnet_smooth"), batch=4, n_robust=2)
+    ev = Evaluation(model, data, tmp_path, opts)
     records = ev.run()
     assert {r["method"] for r in records} == {"patchnet_raw", "patchnet_smooth"} and len(records) == 8
-    assert json.loads((tmp_path / "thresholds.json").read_text()).keys() == {"patchnet_raw", "patchnet_smooth"}
+    cache = json.loads((tmp_path / "thresholds.json").read_text())
+    assert cache["0123456789abcdef"] == {"patchnet_raw": 99.0}
+    assert cache[ev.fingerprint].keys() == {"patchnet_raw", "patchnet_smooth"}
+    assert {r["threshold"] for r in records if r["method"] == "patchnet_raw"} != {99.0}
+    # a resume with another classifier or seed is refused, naming what differs; the same settings resume
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.backbone[3].bias.add_(0.01)
+    with pytest.raises(ManifestMismatch, match="classifier"):
+        Evaluation(other, data, tmp_path, opts)
+    with pytest.raises(ManifestMismatch, match="seed: 0 in the folder, 1 now"):
+        Evaluation(model, data, tmp_path, EvalOptions(methods=opts.methods, batch=4, n_robust=2, seed=1))
+    assert len(Evaluation(model, data, tmp_path, opts).done) == 8
     # the square's patch has the highest logit: its (blocky) map points at the square within 15 px
     assert all(r["pointing"] == 1.0 for r in records if r["method"] == "patchnet_raw")
 
@@ -172,7 +188,7 @@ def test_evaluate_command_end_to_end(tmp_path, capsys):
     for r in records:
         assert 0.0 <= r["area"] <= 1.0 and r["kept"] in (True, False) and r["judge_kept"] in (True, False)
         assert 0.0 <= r["blob_kept"] <= 1.0 and r["blob_judge_kept"] in (0.0, 1.0)
-    assert (out / "judge.safetensors").is_file()
+    assert len(list(out.glob("judge-*-3steps-seed0.safetensors"))) == 1   # keyed by the classifier
     report = (out / "results.md").read_text()
     assert "| medcam | 3 |" in report and "| gradcam | 3 |" in report and "resnet10t" in report
     assert json.loads((out / "results.json").read_text())

@@ -3,27 +3,16 @@ fingerprint, recipe, figures), and the checks that refuse an explainer made for 
 classifier or input shape."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..models.fingerprint import classifier_fingerprint
 from .network import ConditionalUNet
 
 CARD_KIND = "medcam_fast.amortised/1"
-
-
-def classifier_fingerprint(model: nn.Module) -> str:
-    """sha256 (first 16 hex digits) of the classifier's state dict: every name, dtype, shape and
-    value. Any change of weights or BatchNorm statistics gives another fingerprint."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
 
 
 class AmortisedExplainer(nn.Module):

@@ -89,19 +89,24 @@ def _load(classifier: str, weights_dir):
 
 
 def _judge(model, images, out_dir: Path, steps: int, seed: int):
-    """The EVAL-X-style judge of this run, fitted once and cached in ``out_dir/judge.safetensors``."""
+    """The EVAL-X-style judge of this run, fitted once and cached in ``out_dir`` under the
+    classifier's fingerprint, the steps and the seed (another classifier gets its own file)."""
     import copy
 
     from safetensors.torch import load_file, save_file
 
-    path = out_dir / "judge.safetensors"
+    from ..models.fingerprint import classifier_fingerprint
+
+    path = out_dir / f"judge-{classifier_fingerprint(model)}-{steps}steps-seed{seed}.safetensors"
     if path.is_file():
         judge = copy.deepcopy(model)
         judge.load_state_dict(load_file(str(path)))
         return judge.eval().requires_grad_(False)
     judge = fit_judge(model, images, JudgeRecipe(steps=steps, seed=seed))
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(path))
+    part = path.with_name(path.name + ".part")   # atomic: a kill never leaves half a judge to load
+    save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(part))
+    part.replace(path)
     return judge
 
 

@@ -9,6 +9,7 @@ are appended to ``records.jsonl`` as they finish, so an interrupted run loses no
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -21,7 +22,9 @@ from .. import metrics
 from ..baselines.perturbation import HARNESS_METHODS as PERTURBATION_METHODS
 from ..medcam import Explainer, MedCAMConfig, plain_config, reference_config, sufficiency
 from ..metrics.topk import top_k_mask
+from ..models.fingerprint import classifier_fingerprint
 from ..models.passes import PassCounter
+from ..runstate import append_jsonl, atomic_write, check_manifest, read_jsonl
 from .masking import blob_scores, fill
 from .sufficiency import SWEEP, area_to_sufficiency, evidence_curve, kept_robust_of_masks, pick_backgrounds
 
@@ -77,31 +80,9 @@ class EvalOptions:
 
 
 def _load_done(path: Path) -> dict:
-    """The records of ``records.jsonl`` by (method, id). A half-written last line (a run killed
-    mid-write: no newline at its end, or no JSON) is dropped and cut from the file, so it is redone;
-    a bad line before the last is corruption and raises ValueError."""
-    done = {}
-    if not path.is_file():
-        return done
-    text = path.read_text()
-    lines = text.split("\n")
-    complete, tail = lines[:-1], lines[-1]        # tail: "" when the file ends with a newline
-    if tail.strip() == "" and complete:
-        try:
-            json.loads(complete[-1]) if complete[-1].strip() else None
-        except json.JSONDecodeError:
-            tail = complete.pop() + "\n" + tail
-    if tail.strip():
-        with open(path, "r+") as f:   # cut the partial record: the next append starts a clean line
-            f.truncate(len(text.encode()) - len(tail.encode()))
-    for n, line in enumerate(complete, 1):
-        if line.strip():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {n} is not a JSON record ({exc}); the file is corrupt") from exc
-            done[(r["method"], r["id"])] = r
-    return done
+    """The records of ``records.jsonl`` by (method, id); a half-written last line is dropped and
+    redone (:func:`~medcam_fast.runstate.read_jsonl`)."""
+    return read_jsonl(path, lambda r: (r["method"], r["id"]))
 
 
 def _f(v) -> float:
@@ -130,6 +111,8 @@ class Evaluation:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.records_path = self.out / "records.jsonl"
+        self.fingerprint = classifier_fingerprint(self.model)
+        check_manifest(self.out, self.manifest(), resume=True, has_records=self.records_path.is_file())
         self.done = _load_done(self.records_path)
         self.progress = progress
         with torch.no_grad():
@@ -147,15 +130,24 @@ class Evaluation:
         self.need = sufficiency.required_margin(sufficiency.margins(self.logits, self.label), cfg.keep_margin,
                                                 cfg.keep_share)
 
+    def manifest(self) -> dict:
+        """What decides this run's records: a resume with anything else is refused."""
+        o = self.opt
+        ids = hashlib.sha256("\n".join(map(str, self.data.ids)).encode()).hexdigest()[:16]
+        return {"kind": "medcam_fast.evaluation/1", "classifier": self.fingerprint, "dataset": self.data.name,
+                "ids": ids, "n": len(self.data.ids), "seed": o.seed, "batch": o.batch, "checks": o.checks,
+                "n_robust": o.n_robust, "reference_images": o.reference_images, "refine": o.refine,
+                "explainer": None if o.explainer is None else Path(o.explainer).name,
+                "curve_metrics": o.curve_metrics, "medcam": o.medcam.to_dict(), "reference": o.reference.to_dict(),
+                "plain": o.plain.to_dict()}
+
     def forward(self, x):
         with torch.no_grad():
             return self.model(x)
 
     def _append(self, records: list[dict]) -> None:
-        with open(self.records_path, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-                self.done[(r["method"], r["id"])] = r
+        append_jsonl(self.records_path, records)
+        self.done.update({(r["method"], r["id"]): r for r in records})
 
     def _todo(self, method: str, limit: int | None = None) -> list[int]:
         idx = list(range(len(self.data.ids)))[:limit]
@@ -348,9 +340,13 @@ class Evaluation:
 
     def thresholds(self, methods) -> dict[str, float]:
         """CheXlocalize-style: each map method's binarisation threshold maximising mean IoU on the val
-        images (cached in ``thresholds.json``)."""
+        images (cached in ``thresholds.json`` under the classifier's fingerprint: another classifier
+        writing into the same folder gets its own)."""
         path = self.out / "thresholds.json"
-        found = json.loads(path.read_text()) if path.is_file() else {}
+        cache = json.loads(path.read_text()) if path.is_file() else {}
+        if any(not isinstance(v, dict) for v in cache.values()):   # the old flat form: nobody's to reuse
+            cache = {}
+        found = cache.setdefault(self.fingerprint, {})
         missing = [m for m in methods if m not in found]
         if missing and self.data.x_val is not None:
             with torch.no_grad():
@@ -358,7 +354,7 @@ class Evaluation:
             for method in missing:
                 maps = self.map_fn(method)(self.data.x_val, yv)
                 found[method] = float(metrics.tune_threshold(maps, self.data.gt_val))
-            path.write_text(json.dumps(found, indent=2))
+            atomic_write(path, json.dumps(cache, indent=2))
         return found
 
     def run_map(self, method: str, threshold: float) -> None:
