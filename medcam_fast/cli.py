@@ -8,7 +8,8 @@ checkpoints are refused (unpickling can run arbitrary code). TorchScript and tor
 ``--size`` (and ``--mean``/``--std``, default 0 and 1).
 
 Exit codes: 0 ok; 2 bad usage or input (the message, no traceback); 1 some inputs of a run failed
-(each named, the others still written); 130 interrupted.
+(each named, the others still written); 3 out of memory; 130 interrupted. ``explain`` writes each
+batch as it finishes; ``explain --resume`` carries on a killed run.
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def cmd_explain(args) -> int:
     return explain_to_report(loaded, items, failures, Path(args.out), _config(args.steps, args.necessary), device,
                              args.seed, batch=args.batch, target=args.target,
                              title=f"medcam-fast: {loaded.description}", notes=list(loaded.notes),
-                             command=args.argv, amortised=args.explainer, refine=args.refine)
+                             command=args.argv, amortised=args.explainer, refine=args.refine, resume=args.resume)
 
 
 def cmd_train_explainer(args) -> int:
@@ -300,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--necessary", choices=NECESSARY_CHOICES, default=None,
                    help="the necessary side (the region whose removal changes the call): its ranking's source "
                         "(medcam_fast.medcam.necessary), or off (default: MedCAMConfig.necessary)")
+    p.add_argument("--resume", action="store_true",
+                   help="carry on a killed run in --out: finished batches are read back from records.jsonl; "
+                        "refused when the classifier, config, seed or inputs differ (manifest.json)")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("train-explainer", help="train an amortised explainer for a classifier over a data set")
@@ -379,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
               "try fewer images per call (--batch), a smaller --size or another --device", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print("medcam-fast: interrupted", file=sys.stderr)
+        hint = " (the finished batches are kept: rerun with --resume)" if args.command == "explain" else ""
+        print(f"medcam-fast: interrupted{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:          # e.g. `medcam-fast info | head`: stop quietly, as the Python docs advise
         try:

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -352,3 +353,43 @@ def test_export_onnx_demo(tmp_path):
     assert "ONNX export OK" in stdout and "input [N, 1, 128, 128]" in stdout and "max abs diff" in stdout
     assert re.search(r"batch\s+1: max abs diff \S+\s+ok", stdout)
     assert (tmp_path / "demo.onnx").stat().st_size > 100_000
+
+
+# ------------------------------------------------------------------------------------------------ crash safety
+def _rows_without_times(path: Path) -> list[dict]:
+    rows = json.loads(path.read_text())["rows"]
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+
+def test_explain_killed_then_resumed_gives_the_uninterrupted_results(tmp_path):
+    """SIGKILL after the first batch is on disk, then ``--resume``: the same rows as a run never
+    killed, the recorded batches not redone; a resume with another seed is refused."""
+    inputs = [s.path for s in SAMPLES]
+    argv = ["explain", "--model", "demo", "--input", *inputs, "--steps", 2, "--batch", 2, "--device", "cpu"]
+    rc, _, _ = run(argv + ["--out", tmp_path / "whole"])
+    assert rc == 0
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "medcam_fast.cli", *map(str, argv), "--out", str(killed)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = killed / "records.jsonl"
+    try:
+        while proc.poll() is None and not (records.is_file() and records.read_text().count("\n") >= 2):
+            time.sleep(0.02)
+        proc.kill()
+    finally:
+        proc.wait()
+    recorded = records.read_text().count("\n")
+    assert proc.returncode == -9 and 2 <= recorded < len(inputs), (proc.returncode, recorded)
+    assert not (killed / "results.json").exists()
+    with open(records, "a") as f:                  # as if killed mid-write: half a line, dropped and redone
+        f.write('{"path": "' + str(inputs[-1]))
+    rc, _, stderr = run(argv + ["--out", killed, "--resume", "--seed", 1])
+    assert rc == 2 and "cannot be resumed" in stderr and "seed: 0 in the folder, 1 now" in stderr
+    rc, _, _ = run(argv + ["--out", killed, "--resume"])
+    assert rc == 0
+    assert _rows_without_times(killed / "results.json") == _rows_without_times(tmp_path / "whole" / "results.json")
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    assert sorted(r["path"] for r in lines) == sorted(map(str, inputs))   # each image once: none redone
+    assert "resumed: " in (killed / "report.html").read_text()
+    check_links(killed)

@@ -13,6 +13,7 @@ import platform
 from html import escape
 from pathlib import Path
 
+from ..runstate import atomic_write
 from .tables import REPORT_COLUMNS, blank_image_sentence, cell, json_safe, sided_columns
 
 __all__ = ["environment", "write_report"]
@@ -79,7 +80,8 @@ def _blank_findings(rows: list[dict]) -> list[str]:
 def write_report(out_dir, rows: list[dict], panels: list, class_names, title: str = "Med-CAM report",
                  notes: list[str] | None = None, metadata: dict | None = None,
                  failures: list[dict] | None = None) -> tuple[str, str]:
-    """Writes ``out_dir/report.html`` and ``out_dir/results.json``; returns their paths.
+    """Writes ``out_dir/report.html`` and ``out_dir/results.json`` (each atomically: a reader or a
+    crash sees the old file or the new one); returns their paths.
 
     Args:
         out_dir: the output folder (made if missing); panels should sit inside it.
@@ -164,8 +166,7 @@ def write_report(out_dir, rows: list[dict], panels: list, class_names, title: st
         h.append(f"<figcaption>{''.join(caption)}</figcaption></figure>")
     h.append("</body></html>")
 
-    html_path = out_dir / "report.html"
-    html_path.write_text("\n".join(h) + "\n", encoding="utf-8")
+    html_path = atomic_write(out_dir / "report.html", "\n".join(h) + "\n")
 
     results = {
         "title": title,
@@ -176,6 +177,6 @@ def write_report(out_dir, rows: list[dict], panels: list, class_names, title: st
         "failures": failures,
         "metadata": {**(metadata or {}), "environment": environment()},
     }
-    json_path = out_dir / "results.json"
-    json_path.write_text(json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    text = json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n"
+    json_path = atomic_write(out_dir / "results.json", text)
     return str(html_path), str(json_path)

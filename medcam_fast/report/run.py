@@ -2,10 +2,40 @@
 panels -> report."""
 from __future__ import annotations
 
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from ..models.fingerprint import classifier_fingerprint
+from ..runstate import append_jsonl, check_manifest, read_jsonl
 from . import gradcam_maps
 from .html import write_report
 from .panels import panel_png
 from .tables import blank_image_sentence, text_table
+
+RECORDS = "records.jsonl"
+REPORT_EVERY_S = 30.0     # how often a long run rewrites report.html / results.json
+
+
+def _start_run(out_dir: Path, loaded, ready, metadata: dict, resume: bool) -> dict:
+    """Checks or writes the run manifest; returns the recorded images by path (empty unless
+    ``resume``)."""
+    paths = "\n".join(str(s.path) for s, _, _ in ready)
+    manifest = {"kind": "medcam_fast.explain/1", "classifier": classifier_fingerprint(loaded.model),
+                "inputs": hashlib.sha256(paths.encode()).hexdigest()[:16], "n_inputs": len(ready),
+                **{k: metadata[k] for k in ("model", "preprocess", "config", "seed", "batch", "target")},
+                "amortised": None if metadata["amortised"] is None else
+                {"fingerprint": metadata["amortised"]["card"]["classifier"]["fingerprint"],
+                 "refine": metadata["amortised"]["refine"], "name": Path(metadata["amortised"]["path"]).name}}
+    records = out_dir / RECORDS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_manifest(out_dir, manifest, resume, has_records=records.is_file())
+    if not resume:
+        records.unlink(missing_ok=True)
+        return {}
+    return read_jsonl(records, lambda r: r["path"])
+
 
 class _Progress:
     """A tqdm bar over the stages (a silent stand-in when tqdm is missing)."""
@@ -58,19 +88,25 @@ def _evidence_caption(pre, baseline: float) -> str:
 
 def explain_to_report(loaded, items, failures, out_dir, config, device, seed: int = 0, batch: int = 16,
                       target=None, title: str = "Med-CAM report", notes=None, command=None,
-                      out=None, err=None, amortised=None, refine: int = 0) -> int:
+                      out=None, err=None, amortised=None, refine: int = 0, resume: bool = False) -> int:
     """Explains ``items`` with ``loaded.model`` in batches, writes panels, ``report.html`` and
     ``results.json`` under ``out_dir``, prints a summary table (``out``, default stdout) and the failures
     (``err``, default stderr). Returns 0, or 1 when any input failed (each failure is named).
-    ``amortised``, ``refine``: masks from an amortised explainer (see :class:`Explainer`)."""
+    ``amortised``, ``refine``: masks from an amortised explainer (see :class:`Explainer`).
+
+    Crash-safe: each batch's rows are appended to ``records.jsonl`` as it finishes, and the report
+    files are replaced atomically (every ``REPORT_EVERY_S`` seconds while it runs, and at the end).
+    ``resume``: carry on a killed run in ``out_dir``: batches whose every image is recorded are read
+    back, the rest are explained; ``manifest.json`` (classifier fingerprint, config, seed, inputs)
+    must match, else ValueError. Without ``resume`` a previous run's records are discarded."""
     import sys
     import warnings
-    from pathlib import Path
 
     import torch
 
     from ..data import read_mask
     from ..medcam import Explainer
+    from ..medcam.verify import is_oom
 
     out, err = out or sys.stdout, err or sys.stderr
     out_dir = Path(out_dir)
@@ -105,10 +141,26 @@ def explain_to_report(loaded, items, failures, out_dir, config, device, seed: in
         notes.append(f"masks: one pass of the amortised explainer {Path(str(amortised)).name}"
                      + (f", refined by {refine} per-image fit steps" if refine else "")
                      + f" (trained against fingerprint {explainer.amortised.fingerprint}); the checks are the fit's")
+    metadata = {"command": command, "model": loaded.spec, "model_description": loaded.description,
+                "preprocess": {"input_size": list(pre.input_size), "mean": list(pre.mean), "std": list(pre.std)},
+                "config": cfg.to_dict(), "seed": seed, "device": str(device), "batch": batch, "target": target,
+                "amortised": None if amortised is None else {"path": str(amortised), "refine": refine,
+                                                             "card": explainer.amortised.card}}
+    done = _start_run(out_dir, loaded, ready, metadata, resume)
+    if done:
+        notes.append(f"resumed: {len(done)} image(s) read back from records.jsonl")
+    records_path = out_dir / RECORDS
     rows, panels, cam_note = [], [], None
     panel_dir = out_dir / "panels"
+    last_write = time.monotonic()
     for b in range(0, len(ready), batch):
         chunk = ready[b:b + batch]
+        if all(str(s.path) in done for s, _, _ in chunk):   # a whole batch only: the resumed batches are the same
+            for s, _, _ in chunk:
+                rows.append(done[str(s.path)]["row"])
+                panels.append(done[str(s.path)]["panel"] and str(out_dir / done[str(s.path)]["panel"]))
+            bar.update(3 * len(chunk) + 1)
+            continue
         bar.stage(f"explain {b // batch + 1}/{n_batches}")
         x = pre.normalise(torch.stack([u for _, u, _ in chunk])).to(device)
         try:
@@ -116,6 +168,8 @@ def explain_to_report(loaded, items, failures, out_dir, config, device, seed: in
                 warnings.simplefilter("always")
                 e = explainer(x, target=target, seed=seed)
         except (ValueError, RuntimeError) as exc:
+            if is_oom(exc):
+                raise
             failures.extend({"path": str(s.path), "error": f"explain failed for its batch: {exc}"}
                             for s, _, _ in chunk)
             bar.update(1 + 2 * len(chunk))
@@ -128,11 +182,12 @@ def explain_to_report(loaded, items, failures, out_dir, config, device, seed: in
         cam_note = cam_note or note
         bar.update(1)
         bar.stage("panels")
+        records = []
         for j, (row, (s, unit, gt)) in enumerate(zip(e.rows(loaded.class_names), chunk)):
-            row = {"name": s.name, "path": str(s.path), "true_class": s.class_name,
-                   "ground_truth": str(s.mask_path) if gt is not None else None, **row}
+            row = json.loads(json.dumps({"name": s.name, "path": str(s.path), "true_class": s.class_name,
+                                         "ground_truth": str(s.mask_path) if gt is not None else None, **row}))
             evidence = pre.denormalise(e.evidence[j]).clamp(0, 1)
-            name = f"{len(rows):03d}_{_safe_name(s.name)}.png"
+            name = f"{b + j:03d}_{_safe_name(s.name)}.png"
             try:
                 png = panel_png(panel_dir / name, unit, row, e.mask[j], evidence, gt,
                                 None if cams is None else cams[j], title=s.name,
@@ -143,16 +198,18 @@ def explain_to_report(loaded, items, failures, out_dir, config, device, seed: in
                 png = None
             rows.append(row)
             panels.append(png)
+            records.append({"path": str(s.path), "row": row,
+                            "panel": None if png is None else Path(png).relative_to(out_dir).as_posix()})
             bar.update(1)
+        append_jsonl(records_path, records)      # the batch is safe on disk before the next starts
+        if time.monotonic() - last_write > REPORT_EVERY_S:   # a readable report while a long run goes on
+            write_report(out_dir, rows, panels, loaded.class_names, title + " (in progress)", notes, metadata,
+                         failures)
+            last_write = time.monotonic()
     if cam_note:
         notes.append(cam_note)
 
     bar.stage("report")
-    metadata = {"command": command, "model": loaded.spec, "model_description": loaded.description,
-                "preprocess": {"input_size": list(pre.input_size), "mean": list(pre.mean), "std": list(pre.std)},
-                "config": cfg.to_dict(), "seed": seed, "device": str(device), "batch": batch, "target": target,
-                "amortised": None if amortised is None else {"path": str(amortised), "refine": refine,
-                                                             "card": explainer.amortised.card}}
     html_path, json_path = write_report(out_dir, rows, panels, loaded.class_names, title, notes, metadata, failures)
     bar.update(1)
     bar.close()
