@@ -3,7 +3,8 @@ and a run manifest that refuses to resume a run made with another classifier, co
 
 A killed process leaves either the old file or the new one, never half of one (``atomic_write``:
 a temporary file in the same folder, flushed, then ``os.replace``), and at most one half-written
-last line of a JSONL log, which :func:`read_jsonl` drops and cuts so it is redone.
+last line of a JSONL log, which :func:`read_jsonl` drops and cuts so it is redone. Training state is
+saved as safetensors with a JSON skeleton (:func:`save_tree`): nothing here unpickles.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["ManifestMismatch", "append_jsonl", "atomic_write", "check_manifest", "read_jsonl"]
+__all__ = ["ManifestMismatch", "append_jsonl", "atomic_write", "check_manifest", "load_tree", "read_jsonl",
+           "save_tree"]
 
 MANIFEST = "manifest.json"
 
@@ -114,3 +116,61 @@ def check_manifest(out_dir, manifest: dict, resume: bool, has_records: bool = Fa
         warnings.warn(f"{out_dir} holds records but no {MANIFEST} (a run from before manifests): resumed as "
                       "if its settings were these, which cannot be checked", stacklevel=2)
     atomic_write(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------------------ state trees without pickle
+def _pack(obj, tensors: dict, where: str):
+    import torch
+
+    if torch.is_tensor(obj):
+        tensors[where] = obj.detach().cpu().contiguous()
+        return {"__tensor__": where}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _pack(v, tensors, f"{where}.{k}") for k, v in obj.items()}
+        return {"__items__": [[k, _pack(v, tensors, f"{where}.{i}")] for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        return {"__" + type(obj).__name__ + "__": [_pack(v, tensors, f"{where}.{i}") for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"{where}: a {type(obj).__name__} cannot be saved without pickling")
+
+
+def _unpack(obj, tensors: dict, device):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]].to(device)
+        if "__items__" in obj:
+            return {k if not isinstance(k, list) else tuple(k): _unpack(v, tensors, device) for k, v in obj["__items__"]}
+        if "__list__" in obj:
+            return [_unpack(v, tensors, device) for v in obj["__list__"]]
+        if "__tuple__" in obj:
+            return tuple(_unpack(v, tensors, device) for v in obj["__tuple__"])
+        return {k: _unpack(v, tensors, device) for k, v in obj.items()}
+    return obj
+
+
+def save_tree(path, tree: dict) -> Path:
+    """Saves nested dicts / lists / tuples of tensors and plain values (an optimiser's state, say)
+    as one safetensors file, atomically: tensors as tensors, the rest as JSON in its metadata.
+    Nothing is pickled, so loading runs no code."""
+    from safetensors.torch import save
+
+    tensors: dict = {}
+    skeleton = _pack(tree, tensors, "t")
+    return atomic_write(path, save(tensors, metadata={"tree": json.dumps(skeleton)}))
+
+
+def load_tree(path, device="cpu") -> dict:
+    """The tree :func:`save_tree` wrote, tensors on ``device``. ValueError for a file that is not one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - any unreadable file, said as such
+        raise ValueError(f"{path} is not a safetensors state file ({type(exc).__name__}: {exc})") from exc
+    if "tree" not in meta:
+        raise ValueError(f"{path} is a safetensors file but not a saved state (no 'tree' in its metadata)")
+    return _unpack(json.loads(meta["tree"]), tensors, device)

@@ -153,15 +153,24 @@ def test_mismatches_are_refused(planted_model, trained, tmp_path):
         am.AmortisedRecipe(steps=0).validate()
 
 
-def test_a_foreign_checkpoint_is_refused_without_unpickling(planted_model, tmp_path):
-    """A checkpoint that holds a pickled object (not tensors and plain containers) is refused with
-    a ValueError; nothing in it is executed."""
+def test_a_foreign_checkpoint_is_refused_without_unpickling(planted_model, tmp_path, monkeypatch):
+    """A pickled checkpoint is refused with a ValueError and never unpickled: torch.load and pickle
+    are not called at all (checkpoints are safetensors with a JSON skeleton)."""
+    import pickle
+
     x, _, _ = make_planted(16, seed=5, positive_only=True)
     ckpt = tmp_path / "evil.ckpt"
     torch.save({"payload": _Unpicklable()}, ckpt)
     recipe = am.AmortisedRecipe(steps=2, batch=8, widths=(8, 16), scale=1, checkpoint_every=1)
-    with pytest.raises(ValueError, match="cannot be read"):
-        am.train_explainer(planted_model, x, MedCAMConfig(), recipe, checkpoint=ckpt, progress=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("nothing may be unpickled")
+
+    with monkeypatch.context() as m:
+        for mod, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
+            m.setattr(mod, name, refuse)
+        with pytest.raises(ValueError, match="cannot be read"):
+            am.train_explainer(planted_model, x, MedCAMConfig(), recipe, checkpoint=ckpt, progress=False)
     assert not _Unpicklable.loaded
     torch.load(ckpt, weights_only=False)             # the test's own check: loading it would run it
     assert _Unpicklable.loaded

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from ..medcam.fit import fast_loss, fit_targets, layer_metrics, prior_loss, stra
 from ..medcam.unet import auto_scale, resolve_channels_last
 from ..models.adapter import FrozenClassifier
 from .network import ConditionalUNet
+from ..runstate import load_tree, save_tree
 from .store import AmortisedExplainer, classifier_fingerprint
 
 
@@ -143,11 +143,12 @@ def train_explainer(model: torch.nn.Module, images: torch.Tensor, config: MedCAM
         history, step0, earlier = [], 0, 0.0   # earlier: seconds of the runs before a resume
         ckpt = Path(checkpoint) if checkpoint is not None else None
         if ckpt is not None and ckpt.is_file():
-            try:   # tensors and plain containers only: no unpickling of arbitrary objects
-                state = torch.load(ckpt, map_location=device, weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - an unreadable or foreign checkpoint, said plainly
+            try:   # safetensors and JSON: nothing is unpickled
+                state = load_tree(ckpt, device)
+            except ValueError as exc:
                 raise ValueError(f"checkpoint {str(ckpt)!r} cannot be read as a training checkpoint ({exc}); "
                                  "remove it or pass another --checkpoint") from exc
+            state["gen"] = state["gen"].cpu()
             if state["fingerprint"] != fingerprint or state["recipe"] != asdict(recipe) \
                     or state["input_shape"] != [c, h, w]:
                 raise ValueError(f"checkpoint {str(ckpt)!r} is of another classifier, recipe or input shape; "
@@ -171,13 +172,10 @@ def train_explainer(model: torch.nn.Module, images: torch.Tensor, config: MedCAM
             if (step + 1) % 50 == 0 or step + 1 == recipe.steps:
                 history.append({"step": step + 1, **{key: round(v, 5) for key, v in running.items()}})
             if ckpt is not None and ((step + 1) % recipe.checkpoint_every == 0 or step + 1 == recipe.steps):
-                ckpt.parent.mkdir(parents=True, exist_ok=True)
-                part = ckpt.with_name(ckpt.name + ".part")   # written whole, then renamed: a kill never
-                torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),  # leaves half
-                            "gen": gen.get_state(), "history": history, "step": step + 1, "fingerprint": fingerprint,
-                            "recipe": asdict(recipe), "input_shape": [c, h, w],
-                            "seconds": earlier + time.perf_counter() - start}, part)
-                os.replace(part, ckpt)
+                save_tree(ckpt, {"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                 "gen": gen.get_state(), "history": history, "step": step + 1,
+                                 "fingerprint": fingerprint, "recipe": asdict(recipe), "input_shape": [c, h, w],
+                                 "seconds": earlier + time.perf_counter() - start})   # atomic: a kill leaves no half
         if bar is not None:
             bar.close()
     net.eval()
