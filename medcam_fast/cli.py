@@ -97,6 +97,22 @@ def cmd_explain(args) -> int:
                              command=args.argv, amortised=args.explainer, refine=args.refine, resume=args.resume)
 
 
+def cmd_audit(args) -> int:
+    from .audit import audit_dataset
+    from .distributed import ModelSpec
+
+    if args.workers < 0 or args.batch < 1:
+        raise ValueError(f"--workers must be >= 0 and --batch >= 1, got {args.workers} and {args.batch}")
+    spec = ModelSpec(args.model, args.size, tuple(args.mean) if args.mean else None,
+                     tuple(args.std) if args.std else None, args.classes, args.device)
+    workers = args.workers if args.address is None else max(args.workers, 1)
+    result = audit_dataset(args.input, spec, args.out, _config(args.steps), workers=workers, address=args.address,
+                           batch=args.batch, seed=args.seed, mask_dir=args.mask_dir, resume=not args.restart)
+    print(f"{sum(result.counts)} images, {len(result.clusters)} clusters, {len(result.flagged())} flagged; "
+          f"wrote {Path(args.out) / 'audit.html'} and audit.json")
+    return 0
+
+
 def cmd_train_explainer(args) -> int:
     from .amortised import explainer_figures, save, train_explainer
 
@@ -306,6 +322,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "refused when the classifier, config, seed or inputs differ (manifest.json)")
     p.set_defaults(func=cmd_explain)
 
+    p = sub.add_parser("audit", help="explain every image of a data set and flag clusters of off-lesion evidence "
+                       "(a shortcut audit, after Lapuschkin et al. 2019)")
+    _add_common(p)
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, folders or split.csv/labels.csv")
+    p.add_argument("--out", required=True, help="output folder (audit.html, audit.json, explanations/ in Parquet)")
+    p.add_argument("--mask-dir", default=None, help="lesion masks: <mask-dir>/<image stem>.<png|jpg|...>")
+    p.add_argument("--classes", default=None, help="class names, comma-separated (a,b,c)")
+    p.add_argument("--workers", type=int, default=0, help="Ray actors (0: in this process, no Ray; needs "
+                   "medcam_fast[ray] otherwise)")
+    p.add_argument("--address", default=None, help="a Ray cluster (ray://host:10001 or auto)")
+    p.add_argument("--batch", type=int, default=8, help="images per Explainer call (default 8)")
+    p.add_argument("--steps", type=int, default=None, help="fit steps (overrides MedCAMConfig.steps)")
+    p.add_argument("--restart", action="store_true", help="explain everything again (default: resume, skipping "
+                   "the images already in explanations/)")
+    p.set_defaults(func=cmd_audit)
+
     p = sub.add_parser("train-explainer", help="train an amortised explainer for a classifier over a data set")
     _add_common(p)
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
@@ -372,6 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValueError as exc:        # bad input: the package's message, no traceback
+        print(f"medcam-fast: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:       # an optional extra asked for and missing (e.g. --workers without Ray)
+        if "pip install" not in str(exc):
+            raise
         print(f"medcam-fast: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:      # out of memory is not bad input: said as what it is
