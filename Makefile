@@ -8,7 +8,7 @@ OUT    ?= demo_out
 BENCH_JSON := benchmarks/results/json
 DATA   ?= ../shared/data
 
-.PHONY: all venv build test test-suite test-isa demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx bench-speed probe evaluate-tag tune-sufficiency tune-steps demo-explainer evaluate-amortised tag-explainer evaluate-tag-amortised known-evidence-cases known-evidence-suite known-evidence-loco necessary-maps-val two-sided-checks adaptive-checks-val throughput-targets clean
+.PHONY: all venv build test test-suite test-isa demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx bench-speed probe evaluate-tag tune-sufficiency tune-steps demo-explainer evaluate-amortised tag-explainer evaluate-tag-amortised known-evidence-cases known-evidence-suite known-evidence-loco necessary-maps-val two-sided-checks adaptive-checks-val throughput-targets audit-suite distributed-throughput fault-recovery clean
 
 all: test
 
@@ -111,6 +111,14 @@ adaptive-checks-val: build
 # seconds per image of the default, the amortised path and (BASELINE=path) an older checkout, in one run
 throughput-targets: build
 	$(BIN)/python benchmarks/throughput_targets.py $(if $(BASELINE),--baseline $(BASELINE))
+
+# issue 30: the audit on the suite's shortcut classifiers (test split), Ray against one process, fault costs
+audit-suite: build
+	$(BIN)/python benchmarks/audit_suite.py --data $(DATA) --out benchmarks/results/audit_suite
+distributed-throughput: build
+	$(BIN)/python benchmarks/distributed_throughput.py --out benchmarks/results/distributed_throughput
+fault-recovery: build
+	$(BIN)/python benchmarks/fault_recovery.py --out benchmarks/results/fault_recovery
 
 # Timing tables on this machine (one torch job at a time: nothing else should run beside them).
 # The brain_mri suites read the data folder DATA (make bench DATA=/path/to/data; passed on as

@@ -67,6 +67,13 @@ step gpu_targets 150 $PY benchmarks/gpu_targets.py --device cuda --n 64 --speed-
   --out "$OUT/gpu_targets" && cat "$OUT/gpu_targets.md"
 step profile 60 $PY benchmarks/profile_explain.py --device cuda --model resnet18 --size 224 --steps 10 \
   --out "$OUT/profile_cuda.md" && head -40 "$OUT/profile_cuda.md"
+# Ray Serve replicas sharing the GPU (1, 2, 4), when the machine has Ray (the [ray] extra); said, not skipped silently
+if $PY -c "import ray" 2>/dev/null; then
+  step serve_gpu 150 $PY benchmarks/distributed_throughput.py --gpu-replicas 1,2,4 --n 64 --out "$OUT/serve_gpu" \
+    && cat "$OUT/serve_gpu.md"
+else
+  log "serve_gpu: not run (ray is not installed on this machine: pip install ray[serve,data])"
+fi
 
 if [ ${#failed[@]} -gt 0 ]; then
   log "done with failures: ${failed[*]}"

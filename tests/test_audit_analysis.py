@@ -224,3 +224,17 @@ def test_write_audit_html(tmp_path):
         write_audit_html(tmp_path / "x.html", result, images=images.astype(float))
     bare = write_audit_html(tmp_path / "bare.html", result, max_examples=4)  # no thumbnails: over grey
     assert bare.read_text(encoding="utf-8").count("<img") == n_img
+
+
+def test_radial_profile_places_evidence_by_distance_from_the_centre():
+    from medcam_fast.audit.analysis import RINGS, radial_profile
+
+    maps = np.zeros((3, 64, 64))
+    maps[0, 31:33, 31:33] = 1.0                    # the centre
+    maps[1, 0:2, 62:64] = 1.0                      # a corner: the outermost ring
+    prof = radial_profile(maps)
+    assert prof.shape == (3, RINGS) and prof[0, 0] == 1.0 and prof[1, RINGS - 1] == 1.0
+    assert np.all(prof[2] == 0)                    # an empty map stays empty
+    maps[2, 0:2, 0:2] = 1.0
+    maps[2, 62:64, 0:2] = 1.0                      # two corners: the same profile as one
+    assert np.allclose(radial_profile(maps)[2], prof[1])

@@ -9,8 +9,9 @@ Flag rule (constants below), always with at least ``min_cluster`` members:
 
 * some member has a lesion: the members' mean in-lesion share is < ``1 - off_lesion`` and either at
   least ``LESION_GAP`` below the mean of the class's other images with a lesion (where none has one:
-  of all other images with a lesion; where no image at all: the first condition alone), or that
-  mean is itself below ``1 - off_lesion`` (the whole class rests off the lesion);
+  of all other images with a lesion; where no image at all: the first condition alone), or
+  its evidence sits in rings of distance from the image centre (:func:`radial_profile`) where the
+  images outside the cluster put ``RING_LIFT`` times less (marks at the border, in any direction);
 * no member has a lesion: ``concentration >= CONCENTRATED`` and the images outside the cluster (its
   class's other images and the other classes) put less than ``PLACE_LIFT`` times an even share of
   their mean evidence into the cluster's core (the fewest pixels holding half its mean evidence).
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["AuditResult", "Cluster", "audit", "in_lesion_share", "spectral_clusters",
+__all__ = ["AuditResult", "Cluster", "audit", "in_lesion_share", "radial_profile", "spectral_clusters",
            "CONCENTRATED", "LESION_GAP", "OFF_WEIGHT", "PLACE_LIFT", "TOP_SHARE"]
 
 TOP_SHARE = 0.05     # concentration = mass share in the top 5% pixels of a mean map
@@ -30,6 +31,9 @@ CONCENTRATED = 0.5   # "one small place": half of the cluster's mean evidence in
 PLACE_LIFT = 0.5     # "a place others do not use": they put < half an even share of evidence there
 LESION_GAP = 0.2     # in-lesion share at least 20 points below the class's other images
 OFF_WEIGHT = 5.0     # off-lesion coordinate = OFF_WEIGHT * median map distance * (1 - in_lesion)
+RINGS = 6            # radial profile: rings of distance from the image centre
+RADIAL_WEIGHT = 3.0  # a radial profile swing weighs as much as three typical differences in place
+RING_LIFT = 2.0      # "a ring others do not use": the cluster's share there at least twice theirs
 LOCAL_SCALE_K = 7    # Zelnik-Manor & Perona 2004: local scale = distance to the 7th neighbour
 
 
@@ -144,8 +148,24 @@ def _pairwise(x: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0, None))
 
 
+def radial_profile(maps: np.ndarray, rings: int | None = None) -> np.ndarray:
+    """``[N, RINGS]``: each map's evidence share per ring of distance from the image centre (ring r:
+    distance / half-diagonal in [r/RINGS, (r+1)/RINGS)); zeros for an empty map. Where the evidence
+    sits relative to the centre, whatever its direction: marks on any part of the border look alike."""
+    rings = rings or RINGS
+    h, w = maps.shape[1:]
+    yy, xx = np.mgrid[:h, :w]
+    r = np.hypot(yy - (h - 1) / 2, xx - (w - 1) / 2) / np.hypot((h - 1) / 2, (w - 1) / 2)
+    ring = np.minimum((r * rings).astype(int), rings - 1).ravel()
+    onehot = np.eye(rings)[ring]                                   # [H*W, RINGS]
+    prof = maps.reshape(len(maps), -1).astype(np.float64) @ onehot
+    total = prof.sum(1, keepdims=True)
+    return np.divide(prof, total, out=np.zeros_like(prof), where=total > 0)
+
+
 def _features(maps: np.ndarray, share: np.ndarray, size: int) -> np.ndarray:
-    """``[m, size*size+1]``: unit-sum area-averaged maps plus one scaled off-lesion coordinate.
+    """``[m, size*size+RINGS+1]``: unit-sum area-averaged maps, the scaled radial profile
+    (:func:`radial_profile`, ``RADIAL_WEIGHT`` typical distances) and one scaled off-lesion coordinate.
 
     The off-lesion coordinate is ``OFF_WEIGHT * (median pairwise map distance) * (1 - in_lesion)``
     (0.5 where unknown): a swing from on to off the lesion weighs as much as five typical differences
@@ -159,7 +179,8 @@ def _features(maps: np.ndarray, share: np.ndarray, size: int) -> np.ndarray:
     d = _pairwise(f)[np.triu_indices(len(f), 1)]
     scale = float(np.median(d[d > 0])) if np.any(d > 0) else 1.0
     off = np.where(np.isnan(share), 0.5, 1.0 - share)
-    return np.concatenate([f, (OFF_WEIGHT * scale * off)[:, None]], axis=1)
+    radial = radial_profile(maps) * (RADIAL_WEIGHT * scale)
+    return np.concatenate([f, radial, (OFF_WEIGHT * scale * off)[:, None]], axis=1)
 
 
 def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, n_init: int = 10, iters: int = 100) -> np.ndarray:
@@ -246,6 +267,23 @@ def _place(mean_map: np.ndarray) -> tuple[float, np.ndarray]:
     return float(cum[top - 1] / cum[-1]), order[:int(np.searchsorted(cum, 0.5 * cum[-1])) + 1]
 
 
+def _ring_lift(maps: np.ndarray, members: np.ndarray) -> tuple[bool, str]:
+    """Whether the cluster's evidence sits at a distance from the centre (its core rings: the fewest
+    holding half its mean radial profile) that the images outside it use ``RING_LIFT`` times less."""
+    prof = radial_profile(maps)
+    inside = prof[members].mean(0)
+    rest = np.delete(prof, members, axis=0)
+    rest = rest[rest.sum(1) > 0]
+    if not rest.size or inside.sum() <= 0:
+        return False, "no other evidence to compare its rings with"
+    order = np.argsort(-inside, kind="stable")
+    core = order[:int(np.searchsorted(np.cumsum(inside[order]), 0.5)) + 1]
+    own, others = float(inside[core].sum()), float(rest.mean(0)[core].sum())
+    lifted = own >= RING_LIFT * others
+    return lifted, (f"{own:.0%} of its evidence in rings {sorted(int(r) for r in core)} of {RINGS} from the centre, "
+                    f"where the other images put {others:.0%}")
+
+
 def _judge(c, members, class_idx, maps, maps_sum, share, off_lesion, min_cluster) -> Cluster:
     mean_map = maps[members].mean(0, dtype=np.float64)
     (conc, core), m, flagged = _place(mean_map), len(members), False
@@ -263,20 +301,18 @@ def _judge(c, members, class_idx, maps, maps_sum, share, off_lesion, min_cluster
         cmp = f"against {other:.0%} for {who}" if ref.size else "(no other image has a lesion to compare with)"
         reason = (f"evidence {in_l:.0%} in the lesion ({known.size} of {m} members with a lesion) {cmp}; "
                   f"{conc:.0%} of the mean evidence in {TOP_SHARE:.0%} of the image")
-        # the reference itself off the lesion: the whole class rests off it (a class-wide shortcut)
-        ref_off = bool(ref.size) and other < 1 - off_lesion
-        off, below = in_l < 1 - off_lesion, not ref.size or other - in_l >= LESION_GAP or ref_off
-        flagged = m >= min_cluster and off and below
+        off, below = in_l < 1 - off_lesion, not ref.size or other - in_l >= LESION_GAP
+        ring_ok, ring_text = _ring_lift(maps, members)
+        flagged = m >= min_cluster and off and (below or ring_ok)
+        reason += "; " + ring_text
         if flagged:
             reason += f"; flagged: mostly off the lesion (below {1 - off_lesion:.0%})"
-            if ref_off and other - in_l < LESION_GAP:
-                reason += f", as are {who}: the class's evidence lies off the lesion"
-            elif ref.size:
-                reason += f" and {LESION_GAP:.0%} or more below {who}"
+            reason += (f" and {LESION_GAP:.0%} or more below {who}" if ref.size and other - in_l >= LESION_GAP
+                       else f" and in a ring of the image the other images use {RING_LIFT:g}x less")
         elif not off:
             reason += f"; not flagged: at least {1 - off_lesion:.0%} in the lesion"
-        elif not below:
-            reason += f"; not flagged: less than {LESION_GAP:.0%} below {who}"
+        else:
+            reason += (f"; not flagged: less than {LESION_GAP:.0%} below {who}, and no ring of its own")
     else:
         # the place: the cluster's core; compared with every image outside the cluster, not only its
         # class's other images, which the clustering has already split off by place
