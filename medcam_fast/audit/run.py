@@ -47,9 +47,8 @@ def audit_dataset(inputs, model, out, config=None, workers: int = 2, address: st
     the maps. Images whose explanation failed are listed in audit.json and left out."""
     from ..data.collect import collect_inputs
     from ..distributed import ModelSpec, explain_dataset, read_results
-    from ..models.loading import InputOptions, load_model
 
-    spec = ModelSpec(model) if isinstance(model, str) else model
+    spec = ModelSpec.of(model)
     out = Path(out)
     samples, failures = collect_inputs(inputs, mask_dir)
     if failures:
@@ -62,9 +61,7 @@ def audit_dataset(inputs, model, out, config=None, workers: int = 2, address: st
     good = sorted((r for r in rows if not r.error), key=lambda r: r.id)
     if len(good) < 2:
         raise ValueError(f"only {len(good)} image(s) explained without error: nothing to audit ({errors[:3]})")
-    opts = InputOptions(spec.size, list(spec.mean) if spec.mean else None, list(spec.std) if spec.std else None,
-                        spec.classes)
-    loaded = load_model(spec.spec, opts, "cpu")
+    loaded = spec.load("cpu")
     size = good[0].mask.shape
     maps = evidence_maps(good)
     labels = np.array([int(r.row["label"]) for r in good])

@@ -129,18 +129,15 @@ def explain_dataset(inputs, model, out, config=None, workers: int = 2, batch: in
     """
     from ..medcam import MedCAMConfig
     from ..models.fingerprint import classifier_fingerprint
-    from ..models.loading import InputOptions, load_model
 
-    spec = ModelSpec(model) if isinstance(model, str) else model
+    spec = ModelSpec.of(model)
     cfg = (config or MedCAMConfig()).validate()
     if batch < 1 or workers < 0:
         raise ValueError(f"batch must be >= 1 and workers >= 0, got {batch} and {workers}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    opts = InputOptions(spec.size, list(spec.mean) if spec.mean else None, list(spec.std) if spec.std else None,
-                        spec.classes)
-    fingerprint = classifier_fingerprint(load_model(spec.spec, opts, "cpu").model)
+    fingerprint = classifier_fingerprint(spec.load("cpu").model)
     check_manifest(out, {"kind": "medcam_fast.explain_dataset/1", "classifier": fingerprint, "model": spec.spec,
                          "size": spec.size, "mean": spec.mean, "std": spec.std, "config": cfg.to_dict(),
                          "seed": seed, "batch": batch}, resume, has_records=any(out.glob("part-*.parquet")))

@@ -81,7 +81,7 @@ def serve_explainer(model, config=None, replicas: int = 1, max_batch: int = 8, b
     require_ray()
     from ray import serve
 
-    spec = ModelSpec(model) if isinstance(model, str) else model
+    spec = ModelSpec.of(model)
     if replicas < 1 or max_batch < 1 or max_queued_requests < 1 or max_ongoing_requests < 1:
         raise ValueError("replicas, max_batch, max_ongoing_requests and max_queued_requests must be >= 1")
     import ray

@@ -40,6 +40,22 @@ class ModelSpec:
     classes: str | None = None
     device: str = "auto"
 
+    @classmethod
+    def of(cls, model) -> "ModelSpec":
+        """``model`` as a ModelSpec (a spec string is wrapped); ValueError for anything else."""
+        spec = cls(model) if isinstance(model, str) else model
+        if not isinstance(spec, cls):
+            raise ValueError(f"model must be a ModelSpec or a spec string, got {type(model).__name__}")
+        return spec
+
+    def load(self, device="cpu"):
+        """The :class:`~medcam_fast.models.loading.LoadedModel` this spec names, on ``device``."""
+        from ..models.loading import InputOptions, load_model
+
+        opts = InputOptions(self.size, list(self.mean) if self.mean else None, list(self.std) if self.std else None,
+                            self.classes)
+        return load_model(self.spec, opts, device)
+
 
 @dataclass
 class ExplainResult:
@@ -102,11 +118,8 @@ class ExplainWorker:
 
     def __init__(self, model, config=None, threads: int | None = None, seed: int = 0):
         from ..medcam import Explainer, MedCAMConfig
-        from ..models.loading import InputOptions, load_model
 
-        spec = ModelSpec(model) if isinstance(model, str) else model
-        if not isinstance(spec, ModelSpec):
-            raise ValueError(f"model must be a ModelSpec or a spec string, got {type(model).__name__}")
+        spec = ModelSpec.of(model)
         threads = threads or _assigned_cpus()
         if threads:
             torch.set_num_threads(int(threads))
@@ -114,9 +127,7 @@ class ExplainWorker:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.spec, self.seed, self.device = spec, int(seed), torch.device(device)
-        opts = InputOptions(spec.size, list(spec.mean) if spec.mean else None, list(spec.std) if spec.std else None,
-                            spec.classes)
-        self.loaded = load_model(spec.spec, opts, self.device)
+        self.loaded = spec.load(self.device)
         cfg = config or MedCAMConfig()
         cfg = cfg.replace(layers=self.loaded.layers) if self.loaded.layers else cfg
         self.explainer = Explainer(self.loaded.model, cfg, device=self.device)
