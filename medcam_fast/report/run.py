@@ -159,7 +159,7 @@ def explain_to_report(loaded, items, failures, out_dir, config, device, seed: in
             for s, _, _ in chunk:
                 rows.append(done[str(s.path)]["row"])
                 panels.append(done[str(s.path)]["panel"] and str(out_dir / done[str(s.path)]["panel"]))
-            bar.update(3 * len(chunk) + 1)
+            bar.update(2 * len(chunk) + 1)
             continue
         bar.stage(f"explain {b // batch + 1}/{n_batches}")
         x = pre.normalise(torch.stack([u for _, u, _ in chunk])).to(device)
