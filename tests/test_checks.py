@@ -2,6 +2,8 @@
 classifiers with known answers, in tens of classifier passes (counted at the classifier), and
 the sequential random control's rule."""
 import itertools
+import re
+
 import pytest
 import torch
 
@@ -244,3 +246,23 @@ def test_out_of_memory_is_reported_as_out_of_memory(monkeypatch):
     with contextlib.redirect_stderr(err):
         rc = cli.main(["info"])
     assert rc == 3 and "out of memory" in err.getvalue()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(compile=True, finished="drop"), "compile=True needs finished='mask'"),
+    (dict(mask_temperature=0.0), "mask_temperature must be > 0"),
+    (dict(mask_temperature=-1.0), "mask_temperature must be > 0"),
+    (dict(lr=0.0), "lr must be > 0"),
+    (dict(patience=0), "patience must be >= 1"),
+    (dict(min_steps=-1), "min_steps >= 0"),
+    (dict(area_grid=()), "area_grid must be increasing"),
+    (dict(area_grid=(0.1, 0.05)), "area_grid must be increasing"),
+    (dict(area_grid=(0.0, 0.5)), "area_grid must be increasing"),
+    (dict(area_grid=(0.5, 1.5)), "area_grid must be increasing"),
+])
+def test_validate_rejects_what_cannot_work(bad, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MedCAMConfig(**bad).validate()
+    # the same fields at workable values pass
+    MedCAMConfig(compile=True, finished="mask", mask_temperature=0.5, lr=1e-3, patience=1, min_steps=0,
+                 area_grid=(0.1, 1.0)).validate()

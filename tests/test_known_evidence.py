@@ -132,7 +132,12 @@ def test_oracle_mask_is_the_evidence_in_the_harness(tag_model, tmp_path):
                                 for r in gt)
     assert sum(r["kept_robust"] for r in gt) / k >= 0.9           # pasted onto other images, the tag carries
     assert sum(r["blob_kept"] for r in gt) / k <= 0.25             # a blob of the tag's area does not
-    assert all(r["judge_kept"] in (True, False) for r in gt) and "lesion_hit" in gt[0]
+    from medcam_fast.evaluation.masking import fill
+
+    with torch.no_grad():                                         # judge_kept is the judge's call on the evidence
+        judged = (judge(fill(data.x, data.gt, "baseline", ev.opt.medcam.baseline)).argmax(1) == ev.label).tolist()
+    assert [r["judge_kept"] for r in sorted(gt, key=lambda r: data.ids.index(r["id"]))] == judged
+    assert "lesion_hit" in gt[0]
     assert not any(r["kept"] for r in by["all_zero"]) and all(r["kept"] for r in by["all_one"])
     assert all(r["recall"] == 0.0 and r["precision"] != r["precision"] for r in by["all_zero"])  # NaN precision
     assert example_maps(ev, ("ground_truth", "all_zero"), n=2) == {}   # controls are no map for the grid

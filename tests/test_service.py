@@ -201,3 +201,14 @@ def test_submit_racing_close_never_leaves_a_future_unresolved(setup):
             except ServiceClosed:
                 pass
         assert len(futures) + len(refused) == 12
+
+
+def test_a_batch_of_one_is_the_direct_call_on_that_image(setup):
+    """With max_batch=1 every request is explained alone: each result is explainer(x_i) itself."""
+    model, x = setup
+    explainer = Explainer(model, CFG)
+    with ExplainerService(explainer, max_batch=1) as service:
+        futures = [service.submit(x[i]) for i in range(4)]
+        results = [f.result(timeout=300) for f in futures]
+    for i, r in enumerate(results):
+        assert _same(r, explainer(x[i])), i

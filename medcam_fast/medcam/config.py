@@ -172,6 +172,18 @@ class MedCAMConfig:
             raise ValueError(f"finished must be None, 'drop' or 'mask', got {self.finished!r}")
         if self.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
             raise ValueError(f"compile_mode must be a torch.compile mode, got {self.compile_mode!r}")
+        if self.compile and self.finished == "drop":   # the compiled step keeps the whole batch's U-Net stack
+            raise ValueError("compile=True needs finished='mask' (or None): a compiled step cannot drop the images "
+                             "that finish")
+        if not self.mask_temperature > 0:               # a divisor of the mask logits
+            raise ValueError(f"mask_temperature must be > 0, got {self.mask_temperature}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.patience < 1 or self.min_steps < 0:
+            raise ValueError(f"patience must be >= 1 and min_steps >= 0, got {self.patience} and {self.min_steps}")
+        grid = tuple(self.area_grid)
+        if not grid or any(not 0 < a <= 1 for a in grid) or any(b <= a for a, b in zip(grid, grid[1:])):
+            raise ValueError(f"area_grid must be increasing areas in (0, 1], got {grid}")
         if self.rob_draws < 1:
             raise ValueError(f"rob_draws must be >= 1, got {self.rob_draws}")
         if self.n_robust < 1:
