@@ -8,8 +8,8 @@ on demand (``Explainer(model, amortised=path, refine=K)``).
     Explainer(model, amortised="explainer.safetensors")(x)
 """
 from .figures import explainer_figures
-from .network import ConditionalUNet
-from .store import AmortisedExplainer, classifier_fingerprint, load, resolve, save
+from ..medcam.amortised_net import ConditionalUNet
+from ..medcam.amortised_store import AmortisedExplainer, classifier_fingerprint, load, resolve, save
 from .training import AmortisedRecipe, train_explainer
 
 __all__ = ["AmortisedExplainer", "AmortisedRecipe", "ConditionalUNet", "classifier_fingerprint",

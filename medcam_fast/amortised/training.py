@@ -20,12 +20,13 @@ import torch
 
 from ..medcam import MedCAMConfig, sufficiency
 from ..medcam.backgrounds import threshold_field
-from ..medcam.fit import fast_loss, fit_targets, layer_metrics, prior_loss, straight_through
+from ..medcam.fit import fast_loss, fit_targets, layer_metrics, prior_loss
+from ..medcam.step import straight_through
 from ..medcam.unet import auto_scale, resolve_channels_last
-from ..models.adapter import FrozenClassifier
-from .network import ConditionalUNet
+from ..models.adapter import FrozenClassifier, traced_or_hooks
+from ..medcam.amortised_net import ConditionalUNet
 from ..runstate import load_tree, save_tree
-from .store import AmortisedExplainer, classifier_fingerprint
+from ..medcam.amortised_store import AmortisedExplainer, classifier_fingerprint
 
 
 @dataclass
@@ -54,20 +55,6 @@ class AmortisedRecipe:
         if not 0 <= self.wrong_rate < 1 or not 0 <= self.anneal <= 1 or self.lr <= 0:
             raise ValueError("wrong_rate in [0, 1), anneal in [0, 1] and lr > 0 needed")
         return self
-
-
-def _view(clf: FrozenClassifier, x: torch.Tensor, channels_last: bool):
-    """The traced classifier (BatchNorms folded) where it reproduces the hooks on ``x``, else the hooks."""
-    from ..medcam.explainer import Explainer
-
-    with torch.no_grad():
-        hooked = clf.forward(x, with_activations=True)
-    try:
-        view = clf.traced(channels_last)
-        Explainer._check_traced(view, x, hooked)
-        return view
-    except ValueError:
-        return clf
 
 
 @torch.no_grad()
@@ -126,7 +113,7 @@ def train_explainer(model: torch.nn.Module, images: torch.Tensor, config: MedCAM
     gen = torch.Generator().manual_seed(recipe.seed)
     channels_last = resolve_channels_last(cfg, device)
     with clf.session(channels_last=channels_last):
-        view = _view(clf, images[:2].to(device), channels_last)
+        view = traced_or_hooks(clf, images[:2].to(device), channels_last)
         fwd = lambda x: view.forward(x)  # noqa: E731
         labels, certified = _labels_and_fills(fwd, images, cfg, device)
         k = int(fwd(images[:1].to(device)).shape[1])

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from ..models.adapter import FrozenClassifier
+from ..models.adapter import FrozenClassifier, check_traced
 from .backgrounds import BackgroundSampler
 from .config import MODES, MedCAMConfig, reference_config
+from .amortised_store import resolve
 from .counterfactual import build_pool
 from .fit import fit_fast, fit_reference, fit_targets
 from .step import resolve_compile
@@ -128,8 +129,6 @@ class Explainer:
         if amortised is not None:
             if mode == "reference":
                 raise ValueError("mode='reference' fits each image as the paper does; it takes no amortised explainer")
-            from ..amortised import resolve
-
             self.amortised = resolve(amortised, model, self.device)
         self.classifier_path: str | None = None    # "traced" or "hooks", chosen on the first call
         self._path_lock = threading.Lock()
@@ -142,20 +141,6 @@ class Explainer:
         else:
             out = self.classifier.forward(x)
         return out.to(x.device, x.dtype) if out.device != x.device else out
-
-    @staticmethod
-    def _check_traced(traced, x: torch.Tensor, hooked) -> None:
-        """ValueError unless the traced view gives the hooked view's logits and activations
-        ``hooked`` on ``x`` (up to the rounding of the folded BatchNorms)."""
-        with torch.no_grad():
-            try:
-                b = traced.forward(x, with_activations=True)
-            except RuntimeError as exc:
-                raise ValueError(f"the traced classifier fails where the model runs: {exc}") from exc
-        for u, v in zip([hooked[0], *hooked[1]], [b[0], *b[1]]):
-            if u.shape != v.shape or not torch.allclose(u, v, rtol=1e-3, atol=1e-4 * float(u.abs().max()) + 1e-6):
-                raise ValueError("the traced classifier does not reproduce the model's outputs; "
-                                 "use classifier_path='hooks'")
 
     def _prepare_classifier(self, x: torch.Tensor, hooked, channels_last: bool):
         """Inside the session: the classifier view of the gradient and the frozen passes, chosen
@@ -171,7 +156,7 @@ class Explainer:
                     self.classifier_path = "hooks"
                 else:
                     try:
-                        self._check_traced(self.classifier.traced(channels_last), x, hooked)
+                        check_traced(self.classifier.traced(channels_last), x, hooked)
                         self.classifier_path = "traced"
                     except ValueError:
                         if want == "traced":

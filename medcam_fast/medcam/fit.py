@@ -11,7 +11,7 @@ from .. import ops
 from . import losses
 from .backgrounds import BackgroundSampler
 from .config import MedCAMConfig
-from .step import FitStep, resolve_compile, resolve_finished
+from .step import FitStep, resolve_compile, resolve_finished, straight_through
 from .unet import StackedAdam, StackedUNet
 
 
@@ -33,23 +33,6 @@ def layer_metrics(cfg: MedCAMConfig, n_layers: int) -> list[str]:
     if cfg.am_metric == "paper":  # cosine on the two shallow layers, channel-normalised MSE deeper
         return ["cosine" if i < 2 else "mse" for i in range(n_layers)]
     return [cfg.am_metric] * n_layers
-
-
-def straight_through(mask_logits: torch.Tensor, cfg: MedCAMConfig,
-                     threshold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(soft, m): the mask the classifier sees at this point of the fit.
-
-    m's forward value is binary: soft > ``threshold``, a per-pixel field ``[1,1,H,W]`` of this step
-    (the stochastic schedule, :meth:`BackgroundSampler.thresholds`), or ``cfg.threshold`` when
-    None. Its gradient is the soft mask's (``st_slope=0``, as the authors) or a constant
-    d m / d logit = ``st_slope``, which stays alive where the sigmoid saturates.
-    """
-    soft = torch.sigmoid(mask_logits / cfg.mask_temperature)
-    hard = (soft > (cfg.threshold if threshold is None else threshold)).to(soft.dtype)
-    # (g - g.detach()) is exactly 0 in the forward pass, so m is exactly 0/1 there;
-    # hard + g - g.detach() would round to 1 ulp off 0/1
-    g = mask_logits * (cfg.st_slope / cfg.mask_temperature) if cfg.st_slope > 0 else soft
-    return soft, (g - g.detach()) + hard
 
 
 def compose_all(x, m, baseline, backgrounds: list[torch.Tensor]) -> torch.Tensor:

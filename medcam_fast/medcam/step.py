@@ -18,6 +18,23 @@ from .unet import StackedAdam, StackedUNet, adam_update
 _COMPILE_LOCK = threading.Lock()   # dynamo compiles one function at a time
 
 
+def straight_through(mask_logits: torch.Tensor, cfg: MedCAMConfig,
+                     threshold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(soft, m): the mask the classifier sees at this point of the fit.
+
+    m's forward value is binary: soft > ``threshold``, a per-pixel field ``[1,1,H,W]`` of this step
+    (the stochastic schedule, :meth:`BackgroundSampler.thresholds`), or ``cfg.threshold`` when
+    None. Its gradient is the soft mask's (``st_slope=0``, as the authors) or a constant
+    d m / d logit = ``st_slope``, which stays alive where the sigmoid saturates.
+    """
+    soft = torch.sigmoid(mask_logits / cfg.mask_temperature)
+    hard = (soft > (cfg.threshold if threshold is None else threshold)).to(soft.dtype)
+    # (g - g.detach()) is exactly 0 in the forward pass, so m is exactly 0/1 there;
+    # hard + g - g.detach() would round to 1 ulp off 0/1
+    g = mask_logits * (cfg.st_slope / cfg.mask_temperature) if cfg.st_slope > 0 else soft
+    return soft, (g - g.detach()) + hard
+
+
 def resolve_compile(cfg: MedCAMConfig, device) -> bool:
     """``cfg.compile``: True/False (None is not a setting: eager until a device measures otherwise)."""
     return bool(cfg.compile)
@@ -59,8 +76,6 @@ class FitStep:
         ``[N,1,H,W]`` before the update. ``thresholds`` ``[1,1,H,W]`` (or None: the fixed one),
         ``backgrounds`` ``[R,N,C,H,W]``, ``active`` ``[N]`` bool or None, ``base`` ``[N,1,H,W]``
         logits added to the U-Net's (a warm start) or None."""
-        from .fit import straight_through
-
         t.add_(1)
         mask_logits = self.unet(x, flat)
         if base is not None:
@@ -84,8 +99,6 @@ class FitStep:
                             base)
 
     def _eager(self, unet, opt, x, label, targets, thresholds, backgrounds, active, base):
-        from .fit import straight_through
-
         mask_logits = unet(x)
         if base is not None:
             mask_logits = mask_logits + base

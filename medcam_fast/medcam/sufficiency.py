@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+from ..metrics.curves import gaussian_blur as _gaussian_blur
+from ..metrics.random_scores import blob_scores
 from ..metrics.topk import top_k_mask
 from .verify import batched_logits
 
@@ -48,14 +49,8 @@ def available_fills() -> tuple[list[str], list[str]]:
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of ``[N,C,H,W]`` with reflect padding (radius 3 sigma, < the side)."""
-    n, c, h, w = x.shape
-    r = max(1, min(int(math.ceil(3 * sigma)), h - 1, w - 1))
-    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    y = F.pad(x.reshape(n * c, 1, h, w), (r, r, r, r), mode="reflect")
-    y = F.conv2d(F.conv2d(y, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
-    return y.view(n, c, h, w)
+    r = max(1, min(int(math.ceil(3 * sigma)), x.shape[-2] - 1, x.shape[-1] - 1))
+    return _gaussian_blur(x, 2 * r + 1, float(sigma), padding="reflect")
 
 
 @register_fill("baseline")
@@ -246,8 +241,6 @@ def flipped(res: SideResult, use: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def random_blob_scores(k: int, size: tuple[int, int], seed: int) -> torch.Tensor:
     """``[k,H,W]``: the smooth random scores whose top-a pixels are the random blobs of ``seed``."""
-    from ..evaluation.masking import blob_scores  # evaluation imports medcam: not at module level
-
     return blob_scores(k, size, torch.Generator().manual_seed(int(seed) * 1_000_003 + 29))
 
 

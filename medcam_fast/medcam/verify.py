@@ -3,44 +3,13 @@ the test of :mod:`.sufficiency`, the status; and the optional counterfactual aud
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
+from ..metrics._common import batched_logits, is_oom
 from ..metrics.topk import top_k_mask
 
 STATUSES = ("ok", "null_keeps_label", "not_informative", "not_minimal", "not_kept")
-
-
-def is_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` is an out-of-memory error (CUDA's, or the CPU allocator's RuntimeError)."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    msg = str(exc).lower()
-    return "out of memory" in msg or "can't allocate memory" in msg
-
-
-@torch.no_grad()
-def batched_logits(forward, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """``forward`` over ``x`` ``[B,C,H,W]`` in chunks → logits ``[B,K]``. A chunk that runs out of
-    memory is retried at half the size (down to one image, then the error is raised)."""
-    if x.shape[0] == 0:
-        raise ValueError("batched_logits needs at least one input")
-    out, i, size = [], 0, batch_size
-    while i < x.shape[0]:
-        try:
-            out.append(forward(x[i:i + size]))
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not is_oom(exc) or size == 1:
-                raise
-            if x.is_cuda:
-                torch.cuda.empty_cache()
-            size //= 2
-            warnings.warn(f"medcam_fast: out of memory classifying {2 * size} images at once; halving to {size}",
-                          RuntimeWarning, stacklevel=2)
-            continue
-        i += out[-1].shape[0]
-    return torch.cat(out)
 
 
 def candidate_masks(mask_logits: torch.Tensor, threshold_logit: float, areas) -> tuple[torch.Tensor, list[str]]:

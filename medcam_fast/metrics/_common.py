@@ -1,6 +1,7 @@
 """Input checks and the batched classifier call shared by the metrics."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -83,16 +84,42 @@ def check_score(score: str) -> str:
 
 
 @torch.no_grad()
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error (CUDA's, or the CPU allocator's RuntimeError)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    msg = str(exc).lower()
+    return "out of memory" in msg or "can't allocate memory" in msg
+
+
+@torch.no_grad()
 def batched_logits(forward: Forward, x: Tensor, batch_size: int) -> Tensor:
-    """``forward`` over ``x`` ``[B,C,H,W]`` in chunks of ``batch_size`` → logits ``[B,K]``."""
-    outs = []
-    for i in range(0, x.shape[0], batch_size):
-        out = forward(x[i:i + batch_size])
-        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != min(batch_size, x.shape[0] - i):
-            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+    """``forward`` over ``x`` ``[B,C,H,W]`` in chunks of ``batch_size`` → logits ``[B,K]``.
+
+    ValueError unless each chunk gives ``[b,K]``; a chunk that runs out of memory is retried at half
+    the size (down to one image, then the error is raised)."""
+    if x.shape[0] == 0:
+        raise ValueError("batched_logits needs at least one input")
+    out, i, size = [], 0, batch_size
+    while i < x.shape[0]:
+        chunk = x[i:i + size]
+        try:
+            logits = forward(chunk)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not is_oom(exc) or size == 1:
+                raise
+            if x.is_cuda:
+                torch.cuda.empty_cache()
+            size //= 2
+            warnings.warn(f"medcam_fast: out of memory classifying {2 * size} images at once; halving to {size}",
+                          RuntimeWarning, stacklevel=2)
+            continue
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != chunk.shape[0]:
+            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise ValueError(f"forward must map [B,C,H,W] to logits [B,K], got {got}")
-        outs.append(out)
-    return torch.cat(outs)
+        out.append(logits)
+        i += chunk.shape[0]
+    return torch.cat(out)
 
 
 def class_score(logits: Tensor, label: Tensor, score: str) -> Tensor:

@@ -27,8 +27,9 @@ class CurveResult:
     fractions: Tensor
 
 
-def gaussian_blur(x: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tensor:
-    """Separable Gaussian blur of each channel, replicate-padded so the output keeps x's size.
+def gaussian_blur(x: Tensor, kernel_size: int = 11, sigma: float = 5.0, padding: str = "replicate") -> Tensor:
+    """Separable Gaussian blur of each channel, padded (``padding``: "replicate" or "reflect") so the
+    output keeps x's size. The package's one Gaussian blur.
 
     Args:
         x: float ``[N,C,H,W]``.
@@ -48,12 +49,14 @@ def gaussian_blur(x: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tenso
         raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
     if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+    if padding not in ("replicate", "reflect"):
+        raise ValueError(f"padding must be 'replicate' or 'reflect', got {padding!r}")
     n, c, h, w = x.shape
     r = kernel_size // 2
     t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
-    y = F.pad(x.reshape(n * c, 1, h, w), (r, r, r, r), mode="replicate")
+    y = F.pad(x.reshape(n * c, 1, h, w), (r, r, r, r), mode=padding)
     y = F.conv2d(y, k.view(1, 1, 1, -1))
     y = F.conv2d(y, k.view(1, 1, -1, 1))
     return y.view(n, c, h, w)

@@ -285,3 +285,30 @@ class TracedClassifier:
         if not with_activations:
             return logits
         return logits, [self._to_map(_as_map(out[n])) for n in self.layers]
+
+
+def check_traced(traced, x: torch.Tensor, hooked) -> None:
+    """ValueError unless the traced view gives the hooked view's logits and activations ``hooked``
+    ``(logits [N,K], [activations])`` on ``x`` (up to the rounding of the folded BatchNorms)."""
+    with torch.no_grad():
+        try:
+            b = traced.forward(x, with_activations=True)
+        except RuntimeError as exc:
+            raise ValueError(f"the traced classifier fails where the model runs: {exc}") from exc
+    for u, v in zip([hooked[0], *hooked[1]], [b[0], *b[1]]):
+        if u.shape != v.shape or not torch.allclose(u, v, rtol=1e-3, atol=1e-4 * float(u.abs().max()) + 1e-6):
+            raise ValueError("the traced classifier does not reproduce the model's outputs; "
+                             "use classifier_path='hooks'")
+
+
+def traced_or_hooks(clf: "FrozenClassifier", x: torch.Tensor, channels_last: bool):
+    """The traced view of ``clf`` (BatchNorms folded) where it reproduces the hooks on ``x``
+    ``[N,C,H,W]``, else ``clf`` itself (the hooks)."""
+    with torch.no_grad():
+        hooked = clf.forward(x, with_activations=True)
+    try:
+        view = clf.traced(channels_last)
+        check_traced(view, x, hooked)
+        return view
+    except ValueError:
+        return clf

@@ -44,7 +44,8 @@ def environment() -> dict:
         except Exception:  # noqa: BLE001 - a missing optional package is just not listed
             out[name] = None
     try:
-        from .. import __version__, build_info
+        from .._ext import build_info
+        from .._version import __version__
 
         out["medcam_fast"] = __version__
         out["build_info"] = build_info()

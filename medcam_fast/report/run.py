@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..models.fingerprint import classifier_fingerprint
 from ..runstate import append_jsonl, check_manifest, read_jsonl
-from . import gradcam_maps
+from .gradcam import gradcam_maps
 from .html import write_report
 from .panels import panel_png
 from .tables import blank_image_sentence, text_table

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..models.fingerprint import classifier_fingerprint
-from .network import ConditionalUNet
+from .amortised_net import ConditionalUNet
 
 CARD_KIND = "medcam_fast.amortised/1"
 
@@ -62,7 +62,7 @@ def save(explainer: AmortisedExplainer, path) -> Path:
     (``.json``; a readable ``.md`` too). Returns the weights' path."""
     from safetensors.torch import save_file
 
-    from .card import card_markdown
+    from .amortised_card import card_markdown
 
     path = Path(path)
     if path.suffix != ".safetensors":
