@@ -126,8 +126,19 @@ def test_serve_refuses_beyond_its_bounded_queues_and_never_hangs(cluster, spec, 
                                                                        for e in done)
 
 
+class SlowFirstBatch(ExplainWorker):
+    """Holds its first batch 3 s, so a replica killed at 1 s surely has requests in flight."""
+
+    def explain_arrays(self, x, ids, seed=None):
+        if not getattr(self, "_held", False):
+            self._held = True
+            time.sleep(3.0)
+        return super().explain_arrays(x, ids, seed)
+
+
 def test_a_replica_killed_under_load_leaves_every_future_resolved(cluster, spec, images, app):
-    handle = serve_explainer(spec, CFG.replace(steps=40, min_steps=40), replicas=2, max_batch=2, name=app("killed"))
+    handle = serve_explainer(spec, CFG.replace(steps=40, min_steps=40), replicas=2, max_batch=2, name=app("killed"),
+                             worker_cls=SlowFirstBatch)
     local = ExplainWorker(spec, CFG)
     x = [local.preprocess(p) for p in images[:12]]
     pids = {handle.info.remote().result(timeout_s=60)["pid"] for _ in range(20)}
