@@ -8,7 +8,7 @@ OUT    ?= demo_out
 BENCH_JSON := benchmarks/results/json
 DATA   ?= ../shared/data
 
-.PHONY: all venv build test test-suite test-isa demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx bench-speed probe evaluate-tag tune-sufficiency tune-steps demo-explainer evaluate-amortised tag-explainer evaluate-tag-amortised known-evidence-cases known-evidence-suite known-evidence-loco necessary-maps-val two-sided-checks adaptive-checks-val throughput-targets audit-suite distributed-throughput fault-recovery clean
+.PHONY: all venv build test test-fast test-suite test-isa demo bench bench-ops bench-unet bench-explain bench-throughput bench-onnx bench-speed probe evaluate-tag tune-sufficiency tune-steps demo-explainer evaluate-amortised tag-explainer evaluate-tag-amortised known-evidence-cases known-evidence-suite known-evidence-loco necessary-maps-val two-sided-checks adaptive-checks-val throughput-targets audit-suite distributed-throughput fault-recovery clean
 
 all: test
 
@@ -31,6 +31,10 @@ test: test-suite test-isa
 
 test-suite: build
 	MEDCAM_FAST_REQUIRE_OPS=1 $(BIN)/python -m pytest -q tests
+
+# Every module's fast tests (the `slow` marker: over about 5 s here, or real data); CI runs `make test`.
+test-fast: build
+	MEDCAM_FAST_REQUIRE_OPS=1 $(BIN)/python -m pytest -q -m "not slow" tests
 
 # The fit-outcome tests once more under every other CPU clone this machine runs, with torch's own
 # kernels held to the same instruction set (ATen, oneDNN, MKL): an AVX2 or baseline x86-64 machine,

@@ -42,19 +42,19 @@ SIDES = ("sufficient", "necessary")
 def compare(model, x: torch.Tensor, seed: int = 0) -> dict:
     """Both rules on the rankings of one default explanation of ``x`` ``[N,C,H,W]``: per image and
     side, the two rules' status, decision, mask, passes; and each rule's seconds."""
-    cfg = MedCAMConfig(checks="full")
+    cfg = MedCAMConfig(checks=dict(mode="full"))
     ref = Explainer(model, cfg)(x, seed=seed)
     out = {"n": x.shape[0], "rules": {}}
     with torch.no_grad(), frozen(model):
         label = ref.label
         logits_x = model(x)
-        fills = sufficiency.certify(model, x, label, cfg.fills, cfg.baseline, cfg.certify_margin, cfg.max_batch)
-        need = sufficiency.required_margin(sufficiency.margins(logits_x, label), cfg.keep_margin, cfg.keep_share)
+        fills = sufficiency.certify(model, x, label, cfg.fills, cfg.baseline, cfg.checks.certify_margin, cfg.max_batch)
+        need = sufficiency.required_margin(sufficiency.margins(logits_x, label), cfg.checks.keep_margin, cfg.checks.keep_share)
         for checks in ("full", "adaptive"):
-            e = Explainer(model, cfg.replace(checks=checks), forward=model)
+            e = Explainer(model, cfg.replace(checks=dict(mode=checks)), forward=model)
             t = time.perf_counter()
             with PassCounter(model) as counter:
-                suff, nec = e._check(x, label, ref.ranking[:, None], ref.necessary_ranking[:, None], fills, None,
+                suff, nec = e._check(x, label, ref.mask_logits[:, None], ref.necessary_logits[:, None], fills, None,
                                      need, seed)
             seconds = time.perf_counter() - t
             statuses = [sufficiency_status(e, suff, fills, i) for i in range(x.shape[0])]

@@ -31,7 +31,7 @@ STEPS = 10
 MODES = {  # name: config changes of the fit step
     "eager": dict(),
     "compiled": dict(compile=True),
-    "cudagraphs": dict(compile=True, compile_mode="reduce-overhead"),
+    "cudagraphs": dict(compile=True, fit=dict(compile_mode="reduce-overhead")),
 }
 
 
@@ -87,7 +87,7 @@ def test_fit_step(benchmark, bench_device, request, model_name, mode, precision,
     if bench_device == "cpu" and not full and (mode != "eager" or model_name != "demo"):
         pytest.skip("compiled and ResNet-18 rows on CPU: --bench-full")
     model, x = MODELS[model_name](bench_device)
-    cfg = MedCAMConfig(steps=STEPS, min_steps=STEPS, check_every=STEPS, amp=precision == "bf16", **MODES[mode])
+    cfg = MedCAMConfig(steps=STEPS, amp=precision == "bf16", **MODES[mode], fit=dict(min_steps=STEPS, check_every=STEPS))
     explainer = Explainer(model, cfg)
     xs = x[:n]
     with _FitTimer(bench_device) as timer:

@@ -22,7 +22,7 @@ from medcam_fast.zoo import load_demo
 
 from conftest import sync
 
-FIXED = dict(steps=10, min_steps=10, check_every=10)
+FIXED = dict(steps=10, fit=dict(min_steps=10, check_every=10))
 MODELS = {
     "resnet18": dict(model_name="resnet18"),
     "mobilenetv2_100": dict(model_name="mobilenetv2_100"),

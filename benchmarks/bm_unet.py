@@ -29,7 +29,7 @@ def test_unet_step(benchmark, bench_device, request, grid_index, batching):
     if grid_index >= len(grid):
         pytest.skip("not in this device's grid")
     size, n = grid[grid_index]
-    cfg = MedCAMConfig(unet_batching=batching)
+    cfg = MedCAMConfig(fit=dict(unet_batching=batching))
     unet = StackedUNet.from_config(cfg, n, 1, device=torch.device(bench_device), size=(size, size)).requires_grad_()
     x = torch.randn(n, 1, size, size, device=bench_device)
 

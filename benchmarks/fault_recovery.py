@@ -32,7 +32,7 @@ from medcam_fast import MedCAMConfig  # noqa: E402
 from medcam_fast.distributed import ExplainWorker, ModelSpec  # noqa: E402
 from planted import make_planted, train_tiny_cnn  # noqa: E402
 
-CFG = MedCAMConfig(steps=40, min_steps=40, check_every=10)
+CFG = MedCAMConfig(steps=40, fit=dict(min_steps=40, check_every=10))
 
 
 class ExitsOnce(ExplainWorker):

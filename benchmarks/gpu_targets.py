@@ -49,9 +49,9 @@ def measure(device: str, n: int, alone: int, size: int, steps: int | None) -> li
     torch.manual_seed(0)
     model = timm.create_model("resnet18", pretrained=False, num_classes=3).eval().to(device)
     x = torch.randn(max(n, alone), 3, size, size, device=device)
-    cfg = MedCAMConfig(skip_untestable=False)
+    cfg = MedCAMConfig(checks=dict(skip_untestable=False))
     if steps is not None:
-        cfg = cfg.replace(steps=steps, min_steps=steps)
+        cfg = cfg.replace(steps=steps, fit=dict(min_steps=steps))
     explainer = Explainer(model, cfg)
     explainer(x[:1])   # warm-up: classifier path, allocator, autotuning
     rows = []

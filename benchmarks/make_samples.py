@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medcam_fast.data.datasets import BRAIN_CLASSES, brain_mri  # noqa: E402
-from medcam_fast.zoo.cards import DATASET_FACTS, card_markdown  # noqa: E402
+from medcam_fast.zoo.cards import DATASET_FACTS, classifier_card_markdown  # noqa: E402
 
 PER_CLASS = {"glioma": 3, "meningioma": 2, "pituitary": 3}
 OUT = ROOT / "medcam_fast" / "data" / "samples"
@@ -39,7 +39,7 @@ def record_predictions(name: str) -> None:
         {"name": s.name, "label": s.label, "predicted": int(p.argmax()), "predicted_class": classes[int(p.argmax())],
          "probabilities": [round(float(v), 6) for v in p]} for s, p in zip(samples(), probs)]
     (zoo.WEIGHTS_DIR / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
-    (zoo.WEIGHTS_DIR / f"{name}.md").write_text(card_markdown(card))
+    (zoo.WEIGHTS_DIR / f"{name}.md").write_text(classifier_card_markdown(card))
     right = sum(r["label"] == r["predicted"] for r in card["sample_predictions"])
     print(f"recorded {len(probs)} sample predictions in the {name} card ({right} correct)")
 

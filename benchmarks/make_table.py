@@ -75,7 +75,7 @@ def explain_table(data: dict, device: str | None) -> str:
            "| p(y|evidence) | status ok | mean steps |",
            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (size, mode), e in sorted(rows.items()):
-        ref = rows.get((size, "reference"))
+        ref = rows.get((size, "paper")) or rows.get((size, "reference"))  # "reference": files from before the rename
         speed = f"{ref['seconds_per_image'] / e['seconds_per_image']:.1f}x" if ref else "-"
         out.append(f"| {size} | {mode} | {e['n_images']} | {e['seconds_per_image']:.2f} | {speed} | "
                    f"{e['kept_rate']:.0%} | {e.get('sufficient', float('nan')):.0%} | "

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         val = subset(split_cases(spec, Path(args.data) / spec.dataset, model, prep, class_names, "val"), args.n_val,
                      args.seed)
         with frozen(model):
-            fills = sufficiency.certify(model, val.x, val.call, cfg.fills, cfg.baseline, cfg.certify_margin)
+            fills = sufficiency.certify(model, val.x, val.call, cfg.fills, cfg.baseline, cfg.checks.certify_margin)
             fill = _removal_fill(fills)
             for label, fn in MAPS.items():
                 t = time.perf_counter()

@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import cpu_model  # noqa: E402
 
 from medcam_fast import Explainer, MedCAMConfig  # noqa: E402
+from medcam_fast.medcam.config import CheckConfig  # noqa: E402
 from medcam_fast.models.passes import PassCounter  # noqa: E402
 
-STAGES = ("medcam.certify_fills", "medcam.sufficient_ranking", "medcam.necessary_ranking", "medcam.checks",
+STAGES = ("medcam.certify_fills", "medcam.sufficient_ranking", "medcam.necessary_logits", "medcam.checks",
           "medcam.sufficient_checks", "medcam.necessary_checks")
 
 
@@ -84,15 +85,15 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--n", type=int, default=1, help="images per call")
     ap.add_argument("--steps", type=int, default=None, help="fixed step count (default: the config's, early stop on)")
-    ap.add_argument("--checks", default=MedCAMConfig.checks, choices=["adaptive", "full"])
+    ap.add_argument("--checks", default=CheckConfig.mode, choices=["adaptive", "full"])
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     model, x = _inputs(args)
-    cfg = MedCAMConfig(checks=args.checks)
+    cfg = MedCAMConfig(checks=dict(mode=args.checks))
     if args.steps is not None:
-        cfg = cfg.replace(steps=args.steps, min_steps=args.steps)
+        cfg = cfg.replace(steps=args.steps, fit=dict(min_steps=args.steps))
     explainer = Explainer(model, cfg)
     explainer(x)  # warm-up: allocator, cuDNN autotuning, layer choice
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
                    (explainer_module.Explainer, "_verify"): staged.wrap(explainer_module.Explainer._verify,
                                                                         "medcam.sufficient_checks"),
                    (explainer_module, "get_necessary_source"): lambda name: staged.wrap(get_source(name),
-                                                                                        "medcam.necessary_ranking"),
+                                                                                        "medcam.necessary_logits"),
                    (explainer_module, "verify_necessary"): staged.wrap(explainer_module.verify_necessary,
                                                                        "medcam.necessary_checks"),
                    (explainer_module, "adaptive_checks"): staged.wrap(explainer_module.adaptive_checks,
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     syncs = sum(e.count for e in events if "Synchronize" in e.key or e.key in ("aten::item", "aten::_local_scalar_dense"))
     size = "x".join(str(v) for v in x.shape[-2:])
     head = (f"# Profile of one explanation: {args.model} {size}, N={args.n}, {args.device}, "
-            f"{torch.get_num_threads()} threads, necessary side: {cfg.necessary}, checks: {cfg.checks}\n\n"
+            f"{torch.get_num_threads()} threads, necessary side: {cfg.necessary}, checks: {cfg.checks.mode}\n\n"
             f"- `python benchmarks/profile_explain.py {' '.join(sys.argv[1:] if argv is None else argv)}`; "
             f"{cpu_model() if args.device == 'cpu' else torch.cuda.get_device_name()}, torch {torch.__version__}; "
             "times are under the profiler (slower than without it): read the shares\n"

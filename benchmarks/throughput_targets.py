@@ -88,11 +88,11 @@ def main(argv=None) -> int:
     rows = {
         "two-sided default (fit), batched": {"config": {}, "batched": True},
         "two-sided default (fit), one by one": {"config": {}, "batched": False},
-        "two-sided, checks='full', batched": {"config": {"checks": "full"}, "batched": True},
+        "two-sided, checks='full', batched": {"config": {"checks": {"mode": "full"}}, "batched": True},
         "one-sided (necessary=None), batched": {"config": {"necessary": None}, "batched": True},
-        "two-sided, skip_untestable=False, batched": {"config": {"skip_untestable": False}, "batched": True},
+        "two-sided, skip_untestable=False, batched": {"config": {"checks": {"skip_untestable": False}}, "batched": True},
         "amortised, two-sided, batched": {"config": {}, "batched": True, "amortised": str(EXPLAINER)},
-        "amortised, two-sided, checks='full', batched": {"config": {"checks": "full"}, "batched": True,
+        "amortised, two-sided, checks='full', batched": {"config": {"checks": {"mode": "full"}}, "batched": True,
                                                          "amortised": str(EXPLAINER)},
         "amortised, two-sided, necessary='shared' (no occlusion map), batched": {
             "config": {"necessary": "shared"}, "batched": True, "amortised": str(EXPLAINER)},

@@ -44,7 +44,7 @@ from medcam_fast.data import datasets  # noqa: E402
 from medcam_fast.data.preprocess import Preprocess  # noqa: E402
 from medcam_fast.evaluation.masking import RandomMasking  # noqa: E402
 from medcam_fast.data.shortcuts import get_shortcut, plant_like_training  # noqa: E402
-from medcam_fast.zoo.cards import DATASET_FACTS, build_model, card_markdown  # noqa: E402
+from medcam_fast.zoo.cards import DATASET_FACTS, build_model, classifier_card_markdown  # noqa: E402
 
 
 def load_split(samples, size: int, in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
         "previous": previous,
     }
     out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
-    out.with_suffix(".md").write_text(card_markdown(card))
+    out.with_suffix(".md").write_text(classifier_card_markdown(card))
     print(f"wrote {out.with_suffix('.safetensors')} ({out.with_suffix('.safetensors').stat().st_size / 1e6:.1f} MB)"
           f" and {out.with_suffix('.json')} (.md)")
     return 0

@@ -25,18 +25,18 @@ from medcam_fast.evaluation import load_split  # noqa: E402
 
 VARIATIONS = [
     ("base", {}),
-    ("no activation matching", dict(lambda_am=0.0)),
-    ("AM x3", dict(lambda_am=3.0)),
-    ("robustness x0.5", dict(rob=1.0)),
-    ("robustness x2.5", dict(rob=5.0)),
-    ("area x4", dict(area=8.0)),
-    ("TV x4", dict(tv=8.0)),
-    ("KL off", dict(kl=0.0)),
-    ("keep_prob 0.8", dict(keep_prob=0.8)),
-    ("U-Net full resolution", dict(unet_scale=1)),
-    ("U-Net 1/4 resolution", dict(unet_scale=4)),
-    ("paper's hard threshold", dict(binarize="threshold")),
-    ("plain CE", dict(ce_mode="plain")),
+    ("no activation matching", dict(fit=dict(lambda_am=0.0))),
+    ("AM x3", dict(fit=dict(lambda_am=3.0))),
+    ("robustness x0.5", dict(fit=dict(rob=1.0))),
+    ("robustness x2.5", dict(fit=dict(rob=5.0))),
+    ("area x4", dict(priors=dict(area_weight=8.0))),
+    ("TV x4", dict(priors=dict(tv=8.0))),
+    ("KL off", dict(fit=dict(kl=0.0))),
+    ("keep_prob 0.8", dict(fit=dict(keep_prob=0.8))),
+    ("U-Net full resolution", dict(fit=dict(unet_scale=1))),
+    ("U-Net 1/4 resolution", dict(fit=dict(unet_scale=4))),
+    ("paper's hard threshold", dict(fit=dict(binarize="threshold"))),
+    ("plain CE", dict(fit=dict(ce_mode="plain"))),
     ("100 steps", dict(steps=100)),
 ]
 
@@ -45,7 +45,7 @@ def score(res, gt, seconds) -> dict:
     ok = [i for i, s in enumerate(res.status) if s == "ok"]
     areas = res.area.tolist()
     return {
-        "ok": len(ok) / len(res), "kept": float(res.kept.float().mean()),
+        "ok": len(ok) / len(res), "kept": float(res.kept_on_baseline.float().mean()),
         "kept_robust": float(res.kept_robust.nanmean()),
         "mean_area_ok": statistics.mean(areas[i] for i in ok) if ok else float("nan"),
         "median_area": statistics.median(areas), "degenerate": sum(a < 0.005 or a > 0.9 for a in areas) / len(res),
@@ -73,9 +73,9 @@ def main(argv=None) -> int:
     for name, change in VARIATIONS:
         if (only and name not in only) or name in results:
             continue
-        cfg = MedCAMConfig(batch_as_reference=False).replace(**change)
+        cfg = MedCAMConfig(checks=dict(batch_as_counterfactuals=False)).replace(**change)
         t0 = time.perf_counter()
-        res = Explainer(model, cfg, reference=pool)(x, seed=0)
+        res = Explainer(model, cfg, counterfactuals=pool)(x, seed=0)
         results[name] = {"change": change, **score(res, gt, time.perf_counter() - t0)}
         print(name, json.dumps(results[name]), flush=True)
         out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")

@@ -25,10 +25,10 @@ from tune_sufficiency import explain_all, saved_results, score, val_sets  # noqa
 VARIATIONS = [
     ("base", {}),
     ("steps 100", dict(steps=100)),
-    ("steps 80", dict(steps=80, min_steps=40)),
-    ("patience 2", dict(patience=2)),
-    ("plateau 0.1", dict(plateau=0.1)),
-    ("steps 100, patience 2", dict(steps=100, patience=2)),
+    ("steps 80", dict(steps=80, fit=dict(min_steps=40))),
+    ("patience 2", dict(fit=dict(patience=2))),
+    ("plateau 0.1", dict(fit=dict(plateau=0.1))),
+    ("steps 100, patience 2", dict(steps=100, fit=dict(patience=2))),
 ]
 TOLERANCE = 0.02
 

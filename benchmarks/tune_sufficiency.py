@@ -30,17 +30,17 @@ from medcam_fast.evaluation.tag_cases import brightest, build_tag_cases  # noqa:
 
 VARIATIONS = [
     ("base", {}),
-    ("issue-15 fit", dict(act=1.0, area=2.0, tv=2.0, unet_scale=2, init_bias=2.0)),
-    ("start from the whole image", dict(init_bias=2.0)),
-    ("AM x5", dict(act=1.0)),
-    ("TV x4", dict(tv=2.0)),
-    ("area x0.5", dict(area=2.0)),
-    ("U-Net half resolution", dict(unet_scale=2)),
+    ("issue-15 fit", dict(fit=dict(act=1.0, unet_scale=2, init_bias=2.0), priors=dict(area_weight=2.0, tv=2.0))),
+    ("start from the whole image", dict(fit=dict(init_bias=2.0))),
+    ("AM x5", dict(fit=dict(act=1.0))),
+    ("TV x4", dict(priors=dict(tv=2.0))),
+    ("area x0.5", dict(priors=dict(area_weight=2.0))),
+    ("U-Net half resolution", dict(fit=dict(unet_scale=2))),
     ("objective dual", dict(objective="dual")),
     ("objective deletion", dict(objective="deletion")),
-    ("keep_margin 0.5", dict(keep_margin=0.5)),
+    ("keep_margin 0.5", dict(checks=dict(keep_margin=0.5))),
     ("blank and mean fills only", dict(fills=("baseline", "mean"))),
-    ("+ impute fill", dict(mask_fills=("impute",), checks="full")),
+    ("+ impute fill", dict(checks=dict(mask_fills=("impute",), mode="full"))),
 ]
 
 
@@ -56,7 +56,7 @@ def score(res, gt, seconds) -> dict:
     precision = overlap / m.flatten(1).sum(1).clamp(min=1).float()
     return {
         "n": len(res), "ok": res.status.count("ok") / len(res),
-        "hit": float(metrics.hit_rate(res.ranking, gt).nanmean()), "precision": float(precision.mean()),
+        "hit": float(metrics.hit_rate(res.mask_logits, gt).nanmean()), "precision": float(precision.mean()),
         "area": float(res.area.mean()), "a_star": _mean(res.a_star.tolist()),
         "random_pass": _mean(res.random_pass.tolist()), "sufficient": float(res.sufficient.float().mean()),
         "flipped": float(res.flipped_when_removed.float().mean()),

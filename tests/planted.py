@@ -3,6 +3,8 @@
 Class 1 images hold one filled 7x7 square at a random position; class 0 images do not. Both
 carry gaussian noise and three bright bar distractors, so the square alone decides the class.
 """
+import functools
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -38,19 +40,30 @@ def tiny_cnn() -> nn.Module:
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2))
 
 
+@functools.lru_cache(maxsize=None)
+def tiny_cnn_state(seed: int = 0, n: int = 1024, epochs: int = 4) -> dict:
+    """The weights of :func:`tiny_cnn` trained on :func:`make_planted`: trained once per test
+    session (per process) and per arguments; the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = tiny_cnn()
+        x, y, _ = make_planted(n, seed=seed + 100)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(epochs):
+            perm = torch.randperm(n)
+            for i in range(0, n, 64):
+                idx = perm[i:i + 64]
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def train_tiny_cnn(seed: int = 0, n: int = 1024, epochs: int = 4) -> nn.Module:
-    torch.manual_seed(seed)
+    """A fresh :func:`tiny_cnn` (in eval mode) with the session's cached trained weights."""
     model = tiny_cnn()
-    x, y, _ = make_planted(n, seed=seed + 100)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        perm = torch.randperm(n)
-        for i in range(0, n, 64):
-            idx = perm[i:i + 64]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    model.load_state_dict(tiny_cnn_state(seed, n, epochs))
     return model.eval()
 
 
@@ -87,24 +100,33 @@ def make_tagged(n: int, size: int = 64, seed: int = 0):
     return x, labels
 
 
-def train_tag_cnn(seed: int = 0, n: int = 1024, epochs: int = 8) -> nn.Module:
-    """The tiny CNN trained on :func:`make_tagged` with EVAL-X-style random masking (half the
-    images keep only random blobs or pixels, the rest 0), so that partial images are in distribution."""
+@functools.lru_cache(maxsize=None)
+def _tag_cnn_state(seed: int, n: int, epochs: int) -> dict:
     from medcam_fast.evaluation.masking import RandomMasking
 
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = tiny_cnn()
+        x, y = make_tagged(n, seed=seed + 200)
+        masking, g = RandomMasking(p=0.5), torch.Generator().manual_seed(seed)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(epochs):
+            perm = torch.randperm(n)
+            for i in range(0, n, 64):
+                idx = perm[i:i + 64]
+                loss = F.cross_entropy(model(masking(x[idx], g)), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train_tag_cnn(seed: int = 0, n: int = 1024, epochs: int = 8) -> nn.Module:
+    """The tiny CNN trained on :func:`make_tagged` with EVAL-X-style random masking (half the
+    images keep only random blobs or pixels, the rest 0), so that partial images are in
+    distribution; trained once per session, a fresh model per call."""
     model = tiny_cnn()
-    x, y = make_tagged(n, seed=seed + 200)
-    masking, g = RandomMasking(p=0.5), torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        perm = torch.randperm(n)
-        for i in range(0, n, 64):
-            idx = perm[i:i + 64]
-            loss = F.cross_entropy(model(masking(x[idx], g)), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    model.load_state_dict(_tag_cnn_state(seed, n, epochs))
     return model.eval()
 
 

@@ -31,20 +31,21 @@ def _iou(a, b):
     return inter / (a | b).flatten(1).sum(1).clamp(min=1).float()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", devices, ids=str)
 def test_amortised_mask_finds_the_planted_square(planted_model, trained, device):
     x, _, square = make_planted(16, seed=11, positive_only=True)   # images the explainer never saw
     model = copy.deepcopy(planted_model).to(device)
     res = Explainer(model, amortised=copy.deepcopy(trained).to(device))(x.to(device))
     assert res.source == "amortised" and (res.steps == 0).all()     # one pass, no fit
-    top = res.ranking.flatten(1).argmax(1)
+    top = res.mask_logits.flatten(1).argmax(1)
     assert square.flatten(1)[torch.arange(16), top].float().mean() >= 0.9        # the top pixel on the square
     assert _iou(res.mask, square).mean() >= 0.6
     assert res.area.mean() <= 3 * SQUARE ** 2 / 64 ** 2
     assert sum(s == "ok" for s in res.status) >= 14
     # both sides by default, still without a fit: the necessary side's ranking is the default source's
     assert res.two_sided and MedCAMConfig().necessary == "occlusion"
-    top = res.necessary_ranking.flatten(1).argmax(1)
+    top = res.necessary_logits.flatten(1).argmax(1)
     assert square.flatten(1)[torch.arange(16), top].float().mean() >= 0.9
     assert sum(s == "ok" for s in res.necessary_status) >= 14
     # the same network before training finds nothing: the figures above come from the training
@@ -54,6 +55,7 @@ def test_amortised_mask_finds_the_planted_square(planted_model, trained, device)
     assert _iou(before.mask, square).mean() < 0.2
 
 
+@pytest.mark.slow
 def test_wrong_label_masks_do_not_pass(planted_model, trained):
     x, _, _ = make_planted(16, seed=11, positive_only=True)
     res = Explainer(planted_model, amortised=trained)(x, target=0)   # the model says 1 for all of them
@@ -61,20 +63,21 @@ def test_wrong_label_masks_do_not_pass(planted_model, trained):
     assert res.sufficient.float().mean() <= 0.05
     # asked for a class it does not see, the network's own threshold mask is ~empty (the reported mask
     # is then the verifier's best failing grid candidate, whose area says nothing about the network)
-    assert (res.soft_mask > MedCAMConfig().threshold).flatten(1).float().mean(1).mean() < 0.01
+    assert (res.soft_mask > MedCAMConfig().fit.threshold).flatten(1).float().mean(1).mean() < 0.01
 
 
+@pytest.mark.slow
 def test_refine_warm_starts_the_fit(planted_model, trained):
     x, _, square = make_planted(8, seed=12, positive_only=True)
     one = Explainer(planted_model, amortised=trained)(x)
     refined = Explainer(planted_model, amortised=trained, refine=5)(x)
     assert refined.source == "amortised+refine" and (refined.steps == 5).all()
     again = Explainer(planted_model, amortised=trained)(x, refine=5)   # per call, the same
-    assert torch.equal(again.ranking, refined.ranking)
-    assert not torch.equal(one.ranking, refined.ranking)          # the fit moved the logits ...
+    assert torch.equal(again.mask_logits, refined.mask_logits)
+    assert not torch.equal(one.mask_logits, refined.mask_logits)          # the fit moved the logits ...
     # ... from the amortised ones: the warm start adds a U-Net whose logits begin at exactly 0
     start = Explainer(planted_model, amortised=trained, refine=1)(x)
-    assert (start.ranking - one.ranking).abs().max() < 1.0
+    assert (start.mask_logits - one.mask_logits).abs().max() < 1.0
     assert _iou(refined.mask, square).mean() >= 0.5
     # concat is select's inverse (the figures merge calls with it); seconds add up
     parts = [one.select(slice(0, 3)), one.select([3]), one.select(slice(4, 8))]
@@ -83,6 +86,7 @@ def test_refine_warm_starts_the_fit(planted_model, trained):
     assert merged.seconds == pytest.approx(3 * one.seconds) and len(merged) == 8
 
 
+@pytest.mark.slow
 def test_save_load_round_trip(planted_model, trained, tmp_path):
     path = am.save(trained, tmp_path / "ex.safetensors")
     assert path.with_suffix(".json").is_file() and "fingerprint" in path.with_suffix(".md").read_text()
@@ -94,7 +98,7 @@ def test_save_load_round_trip(planted_model, trained, tmp_path):
     x, _, _ = make_planted(4, seed=13, positive_only=True)
     a = Explainer(planted_model, amortised=trained)(x)
     b = Explainer(planted_model, amortised=str(path))(x)
-    assert torch.equal(a.mask, b.mask) and torch.equal(a.ranking, b.ranking) and a.status == b.status
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.mask_logits, b.mask_logits) and a.status == b.status
 
 
 def test_training_resumes_from_its_checkpoint(planted_model, tmp_path, monkeypatch):
@@ -124,6 +128,7 @@ def test_training_resumes_from_its_checkpoint(planted_model, tmp_path, monkeypat
         am.train_explainer(planted_model, x, MedCAMConfig(), other, checkpoint=ckpt, progress=False)
 
 
+@pytest.mark.slow
 def test_mismatches_are_refused(planted_model, trained, tmp_path):
     x, _, _ = make_planted(2, seed=14)
     other = copy.deepcopy(planted_model)
@@ -139,8 +144,8 @@ def test_mismatches_are_refused(planted_model, trained, tmp_path):
         Explainer(planted_model, refine=5)
     with pytest.raises(ValueError, match="refine must be"):
         Explainer(planted_model, amortised=trained, refine=-1)
-    with pytest.raises(ValueError, match="reference"):
-        Explainer(planted_model, mode="reference", amortised=trained)
+    with pytest.raises(ValueError, match="paper"):
+        Explainer(planted_model, mode="paper", amortised=trained)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not an amortised explainer"):

@@ -11,7 +11,7 @@ from medcam_fast.medcam import explainer as explainer_mod
 
 from planted import make_planted, train_tiny_cnn
 
-CFG = MedCAMConfig(steps=60, min_steps=20, check_every=10, batch_as_reference=False)
+CFG = MedCAMConfig(steps=60, fit=dict(min_steps=20, check_every=10), checks=dict(batch_as_counterfactuals=False))
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,7 @@ def _iou(a, b):
     return ((a & b).sum() / (a | b).sum().clamp(min=1)).item()
 
 
+@pytest.mark.slow
 def test_batched_matches_one_by_one(setup):
     # The fit is chaotic: grouped and single convolutions, classifier batches of other sizes and
     # even another allocation history round differently, and the differences grow where a
@@ -39,25 +40,26 @@ def test_batched_matches_one_by_one(setup):
     # (pooled over 3 seeds, 12 pairs) allows three disagreements; mixing images up, or fitting one
     # image with another's U-Net, gives IoU ~0 everywhere and fails it.
     model, x, ref = setup
-    ex = Explainer(model, CFG, reference=ref)
+    ex = Explainer(model, CFG, counterfactuals=ref)
     pairs = []
     for seed in (0, 1, 2):
         batched = ex(x, seed=seed)
         singles = [ex(x[i:i + 1], seed=seed) for i in range(x.shape[0])]
         for i, one in enumerate(singles):
             assert batched.label[i] == one.label[0], (seed, i)   # f(x): no fit involved
-            pairs.append((bool(batched.kept[i] == one.kept[0]), _iou(batched.mask[i], one.mask[0]),
+            pairs.append((bool(batched.kept_on_baseline[i] == one.kept_on_baseline[0]), _iou(batched.mask[i], one.mask[0]),
                           abs(int(batched.steps[i]) - int(one.steps[0]))))
-    agree = [kept and iou >= 0.3 and steps <= CFG.check_every for kept, iou, steps in pairs]
+    agree = [kept and iou >= 0.3 and steps <= CFG.fit.check_every for kept, iou, steps in pairs]
     assert sum(agree) >= 9, pairs
 
 
+@pytest.mark.slow
 def test_out_of_memory_halves_and_keeps_order(setup, monkeypatch):
     # halving ends in one-image fits here, so the result must equal one-image fits bit for bit,
     # each image in its place
     model, x, ref = setup
-    expect = Explainer(model, CFG.replace(max_batch=1), reference=ref)(x, seed=3)
-    ex = Explainer(model, CFG.replace(max_batch=4), reference=ref)
+    expect = Explainer(model, CFG.replace(max_batch=1), counterfactuals=ref)(x, seed=3)
+    ex = Explainer(model, CFG.replace(max_batch=4), counterfactuals=ref)
     real, sizes = explainer_mod.fit_fast, []
 
     def flaky(clf, xs, *args, **kwargs):
@@ -71,7 +73,7 @@ def test_out_of_memory_halves_and_keeps_order(setup, monkeypatch):
         got = ex(x, seed=3)
     assert sizes == [4, 2, 1, 1, 2, 1, 1]
     assert torch.equal(got.soft_mask, expect.soft_mask) and torch.equal(got.steps, expect.steps)
-    assert torch.equal(got.mask, expect.mask) and torch.equal(got.kept, expect.kept)
+    assert torch.equal(got.mask, expect.mask) and torch.equal(got.kept_on_baseline, expect.kept_on_baseline)
 
 
 def test_other_errors_are_not_swallowed(setup, monkeypatch):
@@ -82,12 +84,12 @@ def test_other_errors_are_not_swallowed(setup, monkeypatch):
 
     monkeypatch.setattr(explainer_mod, "fit_fast", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        Explainer(model, CFG, reference=ref)(x)
+        Explainer(model, CFG, counterfactuals=ref)(x)
 
 
 def test_concurrent_calls_from_threads(setup):
     model, x, ref = setup
-    ex = Explainer(model, CFG.replace(steps=30, min_steps=10), reference=ref)
+    ex = Explainer(model, CFG.replace(steps=30, fit=dict(min_steps=10)), counterfactuals=ref)
     expect = [ex(x[i:i + 1], seed=i) for i in range(4)]
     got, errors = {}, []
 
@@ -105,7 +107,7 @@ def test_concurrent_calls_from_threads(setup):
     assert not errors, errors
     for i in range(4):  # same shapes and seeds: bit for bit
         assert torch.equal(got[i].soft_mask, expect[i].soft_mask) and torch.equal(got[i].mask, expect[i].mask)
-        assert torch.equal(got[i].kept, expect[i].kept) and torch.equal(got[i].label, expect[i].label)
+        assert torch.equal(got[i].kept_on_baseline, expect[i].kept_on_baseline) and torch.equal(got[i].label, expect[i].label)
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
 
 
@@ -120,11 +122,11 @@ def test_bf16_autocast_path(setup, amp):
     hook = model[0].register_forward_hook(lambda mod, inp, out: seen.add(out.dtype) if torch.is_grad_enabled()
                                           else None)
     try:
-        res = Explainer(model, CFG.replace(amp=amp), reference=ref)(x)
+        res = Explainer(model, CFG.replace(amp=amp), counterfactuals=ref)(x)
     finally:
         hook.remove()
     assert seen == ({torch.bfloat16} if amp else {torch.float32}), seen
-    assert torch.isfinite(res.soft_mask).all() and res.kept.all()
+    assert torch.isfinite(res.soft_mask).all() and res.kept_on_baseline.all()
     assert sum(_iou(res.mask[i], planted[i]) >= 0.3 for i in range(4)) >= 2
 
 
@@ -136,8 +138,7 @@ def test_unet_batchings_agree(upsample):
     x = torch.randn(3, 2, 32, 32, generator=torch.Generator().manual_seed(0))
     outs, grads = {}, {}
     for batching in ("grouped", "loop", "vmap"):
-        cfg = MedCAMConfig(unet_widths=(8, 16), unet_scale=2, init_bias=0.0, unet_batching=batching,
-                           unet_upsample=upsample)
+        cfg = MedCAMConfig(fit=dict(unet_widths=(8, 16), unet_scale=2, init_bias=0.0, unet_batching=batching, unet_upsample=upsample))
         unet = StackedUNet.from_config(cfg, 3, 2).requires_grad_()
         out = unet(x)
         out.sigmoid().pow(2).mean().backward()

@@ -16,7 +16,7 @@ from medcam_fast.models.passes import PassCounter
 from _testing import devices
 from planted import MARK_VALUE, TwoCueClassifier, make_two_cue
 
-FAST = dict(steps=30, min_steps=20, check_every=10, necessary="occlusion")
+FAST = dict(steps=30, necessary="occlusion", fit=dict(min_steps=20, check_every=10))
 
 
 def _two_cue(needs_lesion: bool, n: int):
@@ -34,7 +34,7 @@ def _both(model, x, device, **cfg):
     model, x = model.to(device), x.to(device)
     out = {}
     for checks in ("full", "adaptive"):
-        config = MedCAMConfig(checks=checks, **{**FAST, **cfg})
+        config = MedCAMConfig(**{**FAST, **cfg}).replace(checks=dict(mode=checks))
         with PassCounter(model) as c:
             out[checks] = explain(model, x, config=config, seed=0)
         out[checks + "_passes"] = c.images
@@ -50,7 +50,7 @@ def test_adaptive_checks_reach_the_full_tests_decisions(needs_lesion, device):
     model, x = _two_cue(needs_lesion, 4)
     r = _both(model, x, device)
     full, ad = r["full"], r["adaptive"]
-    assert torch.equal(full.ranking, ad.ranking) and torch.equal(full.necessary_ranking, ad.necessary_ranking)
+    assert torch.equal(full.mask_logits, ad.mask_logits) and torch.equal(full.necessary_logits, ad.necessary_logits)
     assert ad.status == full.status and ad.necessary_status == full.necessary_status, (ad.reason, full.reason)
     assert torch.equal(ad.sufficient, full.sufficient) and torch.equal(ad.necessary_flipped, full.necessary_flipped)
     if not needs_lesion:
@@ -77,7 +77,7 @@ def test_the_chosen_mask_and_a_star_match_where_the_curve_is_monotone():
     full, ad = r["full"], r["adaptive"]
     assert torch.equal(ad.mask, full.mask) and torch.equal(ad.a_star, full.a_star)
     known = ~torch.isnan(ad.evidence_curve)
-    assert known.sum(1).min() >= 1 and known.sum(1).max() < len(MedCAMConfig().area_grid)
+    assert known.sum(1).min() >= 1 and known.sum(1).max() < len(MedCAMConfig().checks.area_grid)
     assert torch.allclose(ad.evidence_curve[known], full.evidence_curve[known], atol=1e-5)
 
 
@@ -85,7 +85,7 @@ def test_untestable_images_spend_no_search_passes():
     """Where no fill is certified neither side can show anything: both rules say null_keeps_label,
     and the adaptive one spends only the two plain passes of the evidence and the outline."""
     model, x = _two_cue(False, 2)
-    r = _both(model, x, torch.device("cpu"), certify_margin=1e6)
+    r = _both(model, x, torch.device("cpu"), checks=dict(certify_margin=1e6))
     full, ad = r["full"], r["adaptive"]
     assert full.status == ad.status == ["null_keeps_label"] * 2
     assert ad.necessary_status == ["null_keeps_label"] * 2
@@ -143,14 +143,14 @@ def test_run_jobs_batches_every_pending_request_in_one_pass():
 
 
 def test_config_refuses_what_the_adaptive_checks_cannot_do():
-    with pytest.raises(ValueError, match="checks must be"):
-        MedCAMConfig(checks="fast").validate()
+    with pytest.raises(ValueError, match="checks.mode must be"):
+        MedCAMConfig(checks=dict(mode="fast")).validate()
     with pytest.raises(ValueError, match="mask_fills"):
-        MedCAMConfig(mask_fills=("impute",)).validate()
+        MedCAMConfig(checks=dict(mask_fills=("impute",))).validate()
     with pytest.raises(ValueError, match="random_confidence"):
-        MedCAMConfig(random_confidence=1.0).validate()
-    MedCAMConfig(mask_fills=("impute",), checks="full").validate()
-    assert MedCAMConfig().checks == "adaptive"
+        MedCAMConfig(checks=dict(random_confidence=1.0)).validate()
+    MedCAMConfig(checks=dict(mask_fills=("impute",), mode="full")).validate()
+    assert MedCAMConfig().checks.mode == "adaptive"
 
 
 @pytest.mark.parametrize("keeps", [True, False])
@@ -160,7 +160,7 @@ def test_random_control_stops_as_soon_as_settled(keeps):
     after 13 draws, each tried under one fill only (the first failure ends a blob's test)."""
     img = _Image(torch.zeros(1, 32, 32), 1, torch.zeros(3, 1, 32, 32), torch.tensor([-3.0, -2.0, -1.0]),
                  torch.tensor([True, True, True]))
-    cfg = MedCAMConfig(n_random=16, random_bound=0.2)
+    cfg = MedCAMConfig(checks=dict(n_random=16, random_bound=0.2))
 
     def forward(x):
         m = torch.full((x.shape[0],), 5.0 if keeps else -5.0)
@@ -187,10 +187,10 @@ def test_no_fit_where_nothing_can_be_shown():
     assert both.label.tolist() == [1, 0] and both.status[1] == both.necessary_status[1] == "null_keeps_label"
     assert both.steps.tolist() == [int(alone.steps[0]), 0]
     assert not both.mask[1].any() and not both.necessary_mask[1].any()
-    assert torch.equal(both.ranking[0], alone.ranking[0]) and torch.equal(both.mask[0], alone.mask[0])
-    assert torch.equal(both.necessary_ranking[0], alone.necessary_ranking[0])
+    assert torch.equal(both.mask_logits[0], alone.mask_logits[0]) and torch.equal(both.mask[0], alone.mask[0])
+    assert torch.equal(both.necessary_logits[0], alone.necessary_logits[0])
     assert both.status[0] == alone.status[0] and both.necessary_status[0] == alone.necessary_status[0]
-    fitted = explain(model, x, config=cfg.replace(skip_untestable=False), seed=0)
+    fitted = explain(model, x, config=cfg.replace(checks=dict(skip_untestable=False)), seed=0)
     assert int(fitted.steps[1]) > 0 and fitted.status[1] == "null_keeps_label"
 
 
@@ -235,10 +235,7 @@ def test_out_of_memory_is_reported_as_out_of_memory(monkeypatch):
     def oom(args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    parser = cli.build_parser()
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
-    for action in parser._subparsers._group_actions[0].choices.values():
-        action.set_defaults(func=oom)
+    monkeypatch.setattr(cli, "COMMANDS", {name: oom for name in cli.COMMANDS})
     import contextlib
     import io
 
@@ -249,20 +246,22 @@ def test_out_of_memory_is_reported_as_out_of_memory(monkeypatch):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(compile=True, finished="drop"), "compile=True needs finished='mask'"),
-    (dict(mask_temperature=0.0), "mask_temperature must be > 0"),
-    (dict(mask_temperature=-1.0), "mask_temperature must be > 0"),
-    (dict(lr=0.0), "lr must be > 0"),
-    (dict(patience=0), "patience must be >= 1"),
-    (dict(min_steps=-1), "min_steps >= 0"),
-    (dict(area_grid=()), "area_grid must be increasing"),
-    (dict(area_grid=(0.1, 0.05)), "area_grid must be increasing"),
-    (dict(area_grid=(0.0, 0.5)), "area_grid must be increasing"),
-    (dict(area_grid=(0.5, 1.5)), "area_grid must be increasing"),
+    (dict(compile=True, fit=dict(finished="drop")), "compile=True needs fit.finished='mask'"),
+    (dict(fit=dict(mask_temperature=0.0)), "fit.mask_temperature must be > 0"),
+    (dict(fit=dict(mask_temperature=-1.0)), "fit.mask_temperature must be > 0"),
+    (dict(fit=dict(lr=0.0)), "fit.lr must be > 0"),
+    (dict(fit=dict(patience=0)), "fit.patience must be >= 1"),
+    (dict(fit=dict(min_steps=-1)), "fit.min_steps >= 0"),
+    (dict(checks=dict(area_grid=())), "checks.area_grid must be increasing"),
+    (dict(checks=dict(area_grid=(0.1, 0.05))), "checks.area_grid must be increasing"),
+    (dict(checks=dict(area_grid=(0.0, 0.5))), "checks.area_grid must be increasing"),
+    (dict(checks=dict(area_grid=(0.5, 1.5))), "checks.area_grid must be increasing"),
+    (dict(checks=dict(min_area=0.5, max_area=0.4)), "checks.min_area < checks.max_area"),
+    (dict(priors=dict(area_weight=-1.0)), "priors.area_weight must be >= 0"),
+    (dict(checks=dict(mode="fast")), "checks.mode must be one of"),
 ])
 def test_validate_rejects_what_cannot_work(bad, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         MedCAMConfig(**bad).validate()
     # the same fields at workable values pass
-    MedCAMConfig(compile=True, finished="mask", mask_temperature=0.5, lr=1e-3, patience=1, min_steps=0,
-                 area_grid=(0.1, 1.0)).validate()
+    MedCAMConfig(compile=True, fit=dict(finished="mask", mask_temperature=0.5, lr=1e-3, patience=1, min_steps=0), checks=dict(area_grid=(0.1, 1.0))).validate()

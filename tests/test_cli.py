@@ -88,6 +88,7 @@ def demo(tmp_path_factory):
     return rc, stdout, stderr, out
 
 
+@pytest.mark.slow
 def test_demo_in_process(demo):
     rc, both, stderr, out = demo
     assert rc == 0, stderr
@@ -110,7 +111,7 @@ def test_demo_in_process(demo):
     assert len([link for link in links if link.endswith(".png")]) == len(SAMPLES)
     results = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in results["rows"]] == NAMES
-    assert results["metadata"]["config"]["steps"] == 5 and results["metadata"]["config"]["min_steps"] == 5
+    assert results["metadata"]["config"]["steps"] == 5 and results["metadata"]["config"]["fit"]["min_steps"] == 5
     assert results["class_names"] == ["glioma", "meningioma", "pituitary"]
     assert all(r["ground_truth"] for r in results["rows"])           # the bundled tumour masks are drawn
     assert {r["true_class"] for r in results["rows"]} == {"glioma", "meningioma", "pituitary"}
@@ -128,6 +129,7 @@ def test_demo_in_process(demo):
     assert len([link for link in check_links(out / "amortised") if link.endswith(".png")]) == len(SAMPLES)
 
 
+@pytest.mark.slow
 def test_demo_entry_point_subprocess(tmp_path):
     exe = Path(sys.executable).with_name("medcam-fast")
     assert exe.is_file(), f"console script not installed at {exe} (pip install -e .)"
@@ -297,6 +299,7 @@ def test_usage_errors_exit_2(tmp_path, monkeypatch, argv, message):
 
 
 # ------------------------------------------------------------------------------------------------------ amortised
+@pytest.mark.slow
 def test_train_explainer_then_explain_with_it(tmp_path):
     out = tmp_path / "ex.safetensors"
     argv = ["train-explainer", "--model", "demo", "--input", data.SAMPLES_DIR / "images", "--out", out, "--steps", 2,
@@ -361,6 +364,7 @@ def _rows_without_times(path: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
 
 
+@pytest.mark.slow
 def test_explain_killed_then_resumed_gives_the_uninterrupted_results(tmp_path):
     """SIGKILL after the first batch is on disk, then ``--resume``: the same rows as a run never
     killed, the recorded batches not redone; a resume with another seed is refused."""
@@ -393,3 +397,11 @@ def test_explain_killed_then_resumed_gives_the_uninterrupted_results(tmp_path):
     assert sorted(r["path"] for r in lines) == sorted(map(str, inputs))   # each image once: none redone
     assert "resumed: " in (killed / "report.html").read_text()
     check_links(killed)
+
+
+def test_every_parsed_command_has_a_runner():
+    from medcam_fast.cli import COMMANDS
+    from medcam_fast.cli_parser import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == set(COMMANDS)

@@ -30,10 +30,10 @@ def test_explain_end_to_end_on_cuda(planted_cuda):
     # default config on CUDA: bf16 autocast of the classifier pass, the CUDA kernels (or their
     # announced fallback), verification; the planted square must be found as on the CPU
     model, x, planted, ref = planted_cuda
-    res = explain(model, x.cuda(), reference=ref.cuda())
+    res = explain(model, x.cuda(), counterfactuals=ref.cuda())
     assert res.mask.device.type == "cpu" and res.mask.shape == (12, 64, 64)
     shape_area = SQUARE * SQUARE / 64 ** 2
-    assert res.kept.float().mean() >= 0.9
+    assert res.kept_on_baseline.float().mean() >= 0.9
     assert statistics.median(res.area.tolist()) <= 2 * shape_area
     assert statistics.median(_iou(res.mask, planted)) >= 0.5
     assert next(model.parameters()).device.type == "cuda"     # the model was not moved
@@ -51,10 +51,10 @@ def test_ort_io_binding_inside_explain(planted_cuda, tmp_path):
         pytest.fail(f"onnxruntime-gpu gave {ort.providers} on a CUDA machine")
     xc = x[:4].cuda()
     torch.testing.assert_close(ort(xc), model(xc), atol=1e-3, rtol=1e-3)   # bound CUDA memory in and out
-    a = explain(model, xc, reference=ref.cuda(), seed=1)
-    b = explain(model, xc, reference=ref.cuda(), seed=1, forward=ort)
+    a = explain(model, xc, counterfactuals=ref.cuda(), seed=1)
+    b = explain(model, xc, counterfactuals=ref.cuda(), seed=1, forward=ort)
     assert torch.equal(a.label, b.label) and torch.equal(a.soft_mask, b.soft_mask)
-    assert (a.kept == b.kept).float().mean() >= 0.75
+    assert (a.kept_on_baseline == b.kept_on_baseline).float().mean() >= 0.75
 
 
 def test_arch_check_on_this_gpu(monkeypatch):

@@ -23,7 +23,7 @@ from medcam_fast.medcam.service import ExplainerService, ServiceFull  # noqa: E4
 from planted import make_planted, train_tiny_cnn  # noqa: E402
 from test_data import write_dicom  # noqa: E402
 
-CFG = MedCAMConfig(steps=12, min_steps=6, check_every=6, n_random=4)
+CFG = MedCAMConfig(steps=12, fit=dict(min_steps=6, check_every=6), checks=dict(n_random=4))
 OFFSET, SCALE = 0.4, 0.4          # PNG pixel u = x * SCALE + OFFSET; the spec's mean/std undo it
 
 
@@ -94,6 +94,7 @@ def _replay(worker, results, x_by_id):
         assert _same(r, again) and r.row["area"] == again.row["area"], (r.id, r.batch, r.row, again.row, (r.mask != again.mask).sum(), (r.necessary_mask != again.necessary_mask).sum())
 
 
+@pytest.mark.slow
 def test_serve_gives_the_in_process_services_results(cluster, spec, images, app):
     handle = serve_explainer(spec, CFG, replicas=1, max_batch=4, name=app("parity"))
     local = ExplainWorker(spec, CFG, threads=1)       # as the replica: float rounding follows the threads
@@ -113,6 +114,7 @@ def test_serve_gives_the_in_process_services_results(cluster, spec, images, app)
         ServeClient(handle).submit(np.zeros((64, 64), np.float32))
 
 
+@pytest.mark.slow
 def test_serve_refuses_beyond_its_bounded_queues_and_never_hangs(cluster, spec, images, app):
     handle = serve_explainer(spec, CFG, replicas=1, max_batch=1, max_ongoing_requests=1, max_queued_requests=1,
                              name=app("bounded"))
@@ -136,8 +138,9 @@ class SlowFirstBatch(ExplainWorker):
         return super().explain_arrays(x, ids, seed)
 
 
+@pytest.mark.slow
 def test_a_replica_killed_under_load_leaves_every_future_resolved(cluster, spec, images, app):
-    handle = serve_explainer(spec, CFG.replace(steps=40, min_steps=40), replicas=2, max_batch=2, name=app("killed"),
+    handle = serve_explainer(spec, CFG.replace(steps=40, fit=dict(min_steps=40)), replicas=2, max_batch=2, name=app("killed"),
                              worker_cls=SlowFirstBatch)
     local = ExplainWorker(spec, CFG)
     x = [local.preprocess(p) for p in images[:12]]
@@ -149,10 +152,11 @@ def test_a_replica_killed_under_load_leaves_every_future_resolved(cluster, spec,
         results = [f.result(timeout=600) for f in futures]             # resent to the other, or its restart
     assert all(r.error is None for r in results) and len(results) == 12
     assert client.resent >= 1
-    _replay(ExplainWorker(spec, CFG.replace(steps=40, min_steps=40), threads=1), results,
+    _replay(ExplainWorker(spec, CFG.replace(steps=40, fit=dict(min_steps=40)), threads=1), results,
             dict(zip(map(str, range(12)), x)))
 
 
+@pytest.mark.slow
 def test_data_writes_every_png_and_dicom_once_and_resumes(cluster, spec, images, tmp_path):
     run = explain_dataset(images, spec, tmp_path / "out", CFG, workers=2, batch=8, progress=False)
     rows = read_results(tmp_path / "out")
@@ -170,6 +174,20 @@ def test_data_writes_every_png_and_dicom_once_and_resumes(cluster, spec, images,
         explain_dataset(images, spec, tmp_path / "out", CFG.replace(steps=13), workers=2, batch=8, progress=False)
 
 
+def test_in_process_run_needs_no_cluster_and_matches_the_worker(spec, images, tmp_path):
+    """workers=0: the same worker in this process, the same Parquet parts, the same resume."""
+    run = explain_dataset(images[60:68], spec, tmp_path / "out", CFG, workers=0, batch=4, progress=False)
+    rows = read_results(tmp_path / "out")
+    assert run.written == 8 and sorted(r.id for r in rows) == sorted(map(str, images[60:68]))
+    assert all(r.error is None for r in rows) and {r.row["worker"] for r in rows} == {os.getpid()}
+    by = {r.id: r for r in rows}
+    for r in ExplainWorker(spec, CFG).explain_paths(images[60:64]):     # the first batch, replayed
+        assert _same(r, by[r.id])
+    assert explain_dataset(images[60:68], spec, tmp_path / "out", CFG, workers=0, batch=4, progress=False).skipped == 8
+    with pytest.raises(ValueError, match="workers >= 0"):
+        explain_dataset(images, spec, tmp_path / "bad", CFG, workers=-1)
+
+
 class ExitsOnce(ExplainWorker):
     """Dies (the whole process, no cleanup) in the middle of its first batch while the marker exists."""
 
@@ -184,6 +202,7 @@ class ExitsOnce(ExplainWorker):
         os._exit(1)
 
 
+@pytest.mark.slow
 def test_a_worker_that_exits_mid_batch_loses_nothing_and_writes_nothing_twice(cluster, spec, images, tmp_path):
     marker = tmp_path / "die-once"
     marker.touch()

@@ -8,7 +8,7 @@ from torch import nn
 
 from medcam_fast import MedCAMConfig
 from medcam_fast.evaluation import (EvalOptions, EvalSet, Evaluation, area_to_sufficiency, example_grid, example_maps,
-                                    evidence_curve, kept_robust_of_masks, pick_backgrounds, write_report)
+                                    evidence_curve, kept_robust_of_masks, pick_backgrounds, write_evaluation_report)
 from medcam_fast.medcam import sufficiency
 from medcam_fast.runstate import ManifestMismatch
 
@@ -50,6 +50,7 @@ def test_kept_robust_and_curve_known_answers():
     assert area_to_sufficiency(torch.zeros(1, 3, dtype=torch.bool), areas=(0.1, 0.25, 0.5)).tolist() == [1.0]
 
 
+@pytest.mark.slow
 def test_small_evaluation_run_resumes(tmp_path):
     model = train_tiny_cnn(seed=0)
     x, _, gt = make_planted(6, seed=41, positive_only=True)
@@ -57,7 +58,7 @@ def test_small_evaluation_run_resumes(tmp_path):
     xp, yp, _ = make_planted(40, seed=43)
     data = EvalSet("planted", x, [f"img{i}" for i in range(6)], gt, xp[yp == 0][:12], xv, gtv)
     opts = EvalOptions(methods=("medcam", "gradcam"), batch=3, n_robust=4,
-                       medcam=MedCAMConfig(steps=40, min_steps=20, check_every=10))
+                       medcam=MedCAMConfig(steps=40, fit=dict(min_steps=20, check_every=10)))
     calls = []
     ev = Evaluation(model, data, tmp_path, opts, progress=lambda m, n: calls.append((m, n)))
     records = ev.run()
@@ -78,7 +79,7 @@ def test_small_evaluation_run_resumes(tmp_path):
     areas = [ev.done[("medcam", f"img{i}")]["area"] for i in range(3)]
     assert torch.allclose(shown["medcam"][1].float().mean((1, 2)), torch.tensor(areas), atol=0.02)
     grid = example_grid(x[:3], gt[:3], data.ids[:3], shown, tmp_path)
-    summary = write_report(again, tmp_path, "test", ["fact"], extra_figures=[grid])
+    summary = write_evaluation_report(again, tmp_path, "test", ["fact"], extra_figures=[grid])
     assert set(summary) == {"medcam", "gradcam"} and summary["medcam"]["n"] == 6
     text = (tmp_path / "results.md").read_text()
     assert "| medcam |" in text and (tmp_path / "evidence_curve.png").stat().st_size > 0
@@ -168,6 +169,7 @@ def _tiny_card(weights_dir, name="tiny_brain", size=48):
     return name
 
 
+@pytest.mark.slow
 def test_evaluate_command_end_to_end(tmp_path, capsys):
     # `medcam-fast evaluate` on a generated brain_mri-format folder and an untrained classifier:
     # every method scores every test image, the report and records are written, a rerun resumes
@@ -201,6 +203,7 @@ def test_evaluate_command_end_to_end(tmp_path, capsys):
     assert "no val images beyond the 12 already used" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_amortised_rows(tmp_path):
     from medcam_fast import amortised as am
 

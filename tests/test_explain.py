@@ -5,14 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from medcam_fast import Explainer, Explanation, MedCAMConfig, explain, reference_config
+from medcam_fast import Explainer, Explanation, MedCAMConfig, explain, paper_config
 from medcam_fast.medcam import losses
-from medcam_fast.medcam.fit import fit_reference
+from medcam_fast.medcam.fit import fit_paper
 from medcam_fast.models.adapter import FrozenClassifier
 
 from planted import SQUARE, CornerClassifier, make_planted, tiny_cnn, train_tiny_cnn
 
-QUICK = MedCAMConfig(steps=30, min_steps=10, check_every=10)
+QUICK = MedCAMConfig(steps=30, fit=dict(min_steps=10, check_every=10))
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,7 @@ def _iou(a, b):
 # ---------------------------------------------------------------- (a) planted evidence
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_planted_evidence_is_found(planted_model, seed):
     # Robust statistics over 20 images, so that a fit that fails on one image (it happens, on
@@ -41,11 +42,11 @@ def test_planted_evidence_is_found(planted_model, seed):
     x, _, planted = make_planted(20, seed=11, positive_only=True)
     xr, yr, _ = make_planted(64, seed=9)
     reference = xr[yr == 0][:16]  # images without the square: the counterfactual context
-    res = explain(planted_model, x, reference=reference, seed=seed)
+    res = explain(planted_model, x, counterfactuals=reference, seed=seed)
     shape_area = SQUARE * SQUARE / (64 * 64)
     iou = _iou(res.mask, planted)
     found = (iou >= 0.3) & (res.area <= 3 * shape_area)
-    assert res.kept.float().mean() >= 0.9, res.kept
+    assert res.kept_on_baseline.float().mean() >= 0.9, res.kept_on_baseline
     assert res.area.median() <= 2 * shape_area, (res.area, shape_area)
     assert iou.median() >= 0.5, iou
     assert found.float().mean() >= 0.7, (iou, res.area)
@@ -118,14 +119,14 @@ def test_reference_mode_runs_the_papers_passes():
     torch.manual_seed(0)
     model = _Counting(tiny_cnn().eval())
     clf = FrozenClassifier(model, layers=["inner.1", "inner.3", "inner.6", "inner.8"])
-    cfg = reference_config(steps=3, unet_widths=(8, 16))
-    assert (cfg.act, cfg.ce, cfg.kl, cfg.kl_temperature, cfg.area, cfg.bin, cfg.tv, cfg.rob, cfg.lr) == \
+    cfg = paper_config(steps=3, fit=dict(unet_widths=(8, 16)))
+    assert (cfg.fit.act, cfg.fit.ce, cfg.fit.kl, cfg.fit.kl_temperature, cfg.priors.area_weight, cfg.priors.bin, cfg.priors.tv, cfg.fit.rob, cfg.fit.lr) == \
         (10, 15, 5, 2, 100, 1, 500, 100, 5e-5)
-    assert cfg.am_metric == "paper" and cfg.tv_diagonal and cfg.baseline == 0.0 and cfg.binarize == "threshold"
+    assert cfg.fit.am_metric == "paper" and cfg.priors.tv_diagonal and cfg.baseline == 0.0 and cfg.fit.binarize == "threshold"
     x, _, _ = make_planted(1, seed=3)
     with clf.session():
         model.calls = 0
-        out = fit_reference(clf, x, torch.tensor([1]), cfg, seed=0)
+        out = fit_paper(clf, x, torch.tensor([1]), cfg, seed=0)
     # per step: f(x) recomputed, f(e), and three separate robustness passes
     assert model.calls == 3 * 5
     assert out.logits.shape == (1, 1, 64, 64) and out.steps.tolist() == [3]
@@ -134,8 +135,8 @@ def test_reference_mode_runs_the_papers_passes():
 def test_reference_mode_through_explain():
     model = tiny_cnn().eval()
     x, _, _ = make_planted(1, seed=3)
-    res = explain(model, x, mode="reference", config=reference_config(steps=2, unet_widths=(8, 16)))
-    assert res.mode == "reference" and res.steps.tolist() == [2] and res.selection[0].startswith("threshold")
+    res = explain(model, x, mode="paper", config=paper_config(steps=2, fit=dict(unet_widths=(8, 16))))
+    assert res.mode == "paper" and res.steps.tolist() == [2] and res.selection[0].startswith("threshold")
 
 
 # ---------------------------------------------------------------- (d) determinism
@@ -182,7 +183,7 @@ def test_batchnorm_buffers_unchanged():
                           nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, _, _ = make_planted(2, seed=1)
-    res = explain(model, x, config=QUICK.replace(classifier_path="traced"))
+    res = explain(model, x, config=QUICK.replace(fit=dict(classifier_path="traced")))
     assert len(res) == 2
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -225,7 +226,7 @@ def test_explanation_fields(planted_model):
     assert res.evidence.shape == (3, 1, 64, 64) and res.label.tolist() == [0, 1, 1]
     for name in ("prob_input", "prob_evidence", "area", "prob_null", "kept_robust"):
         assert getattr(res, name).shape == (3,) and getattr(res, name).is_floating_point()
-    assert res.kept.dtype == torch.bool and res.null_keeps_label.dtype == torch.bool
+    assert res.kept_on_baseline.dtype == torch.bool and res.null_keeps_label.dtype == torch.bool
     assert res.steps.dtype == torch.long and isinstance(res.seconds, float) and res.seconds > 0
     assert all(s in ("ok", "null_keeps_label", "not_minimal", "not_kept") for s in res.status)
     # evidence and kept are what they claim: recompute them
@@ -233,7 +234,7 @@ def test_explanation_fields(planted_model):
     torch.testing.assert_close(res.evidence, m * x + (1 - m) * 0.0)
     with torch.no_grad():
         out = planted_model(res.evidence)
-    assert torch.equal(out.argmax(1) == res.label, res.kept)
+    assert torch.equal(out.argmax(1) == res.label, res.kept_on_baseline)
     torch.testing.assert_close(out.softmax(1).gather(1, res.label[:, None])[:, 0], res.prob_evidence)
     torch.testing.assert_close(res.area, res.mask.flatten(1).float().mean(1))
 
@@ -277,9 +278,9 @@ def test_bad_config_and_mode(planted_model):
     with pytest.raises(ValueError, match="mode"):
         Explainer(planted_model, mode="slow")
     with pytest.raises(ValueError, match="background"):
-        Explainer(planted_model, MedCAMConfig(background="plaid"))
+        Explainer(planted_model, MedCAMConfig(fit=dict(background="plaid")))
     with pytest.raises(ValueError, match="no module"):
-        Explainer(planted_model, MedCAMConfig(layers=["nope"]))
+        Explainer(planted_model, MedCAMConfig(fit=dict(layers=["nope"])))
 
 
 def test_device_mismatch_is_refused(planted_model):
@@ -338,7 +339,7 @@ def test_counterfactual_audit_is_off_the_path_to_ok(planted_model, monkeypatch):
         return pool
 
     monkeypatch.setattr(explainer_mod, "build_pool", one_missing)
-    audited = explain(planted_model, x, config=QUICK.replace(audit_counterfactual=True), reference=xr[yr == 0][:16])
+    audited = explain(planted_model, x, config=QUICK.replace(checks=dict(audit_counterfactual=True)), counterfactuals=xr[yr == 0][:16])
     assert math.isnan(audited.kept_robust[0]) and not math.isnan(audited.kept_robust[1])
     assert audited.status == plain.status and torch.equal(audited.mask, plain.mask)
 

@@ -36,9 +36,9 @@ def _parts(clf, x, cfg):
     logits, feats = clf.forward(x, with_activations=True)
     label = logits.argmax(1)
     unet = StackedUNet.from_config(cfg, x.shape[0], 1, 0, x.device, x.dtype, tuple(x.shape[-2:])).requires_grad_()
-    opt = StackedAdam(unet.parameters(), cfg.lr, lr_scale=unet.lr_scales(cfg.offset_lr_scale))
+    opt = StackedAdam(unet.parameters(), cfg.fit.lr, lr_scale=unet.lr_scales(cfg.fit.offset_lr_scale))
     sampler = BackgroundSampler("gaussian", x, 0)
-    thresholds = sampler.thresholds(cfg.steps, cfg.threshold, cfg.anneal, x[:, :1])
+    thresholds = sampler.thresholds(cfg.steps, cfg.fit.threshold, cfg.fit.anneal, x[:, :1])
     backgrounds = torch.stack([sampler.draw()])
     return label, fit_targets(logits, feats, label), unet, opt, thresholds, backgrounds
 
@@ -82,13 +82,14 @@ def test_untraceable_model_is_a_clear_error():
                 h = h * 2
             return self.fc(h.mean((2, 3)))
 
-    ex = Explainer(Branchy(), MedCAMConfig(compile=True, steps=2, min_steps=2, check_every=2))
+    ex = Explainer(Branchy(), MedCAMConfig(compile=True, steps=2, fit=dict(min_steps=2, check_every=2)))
     with pytest.raises(ValueError, match="torch.fx"):
         ex(torch.randn(1, 1, SIZE, SIZE))
 
 
+@pytest.mark.slow
 def test_compiled_fit_agrees_with_eager(model):
-    cfg = MedCAMConfig(steps=6, min_steps=6, check_every=6, finished="mask")
+    cfg = MedCAMConfig(steps=6, fit=dict(min_steps=6, check_every=6, finished="mask"))
     x, clf = _step_inputs(model, cfg, 2, torch.device("cpu"))
     out = {}
     with clf.session():
@@ -163,7 +164,7 @@ def test_step_does_not_sync(model, device):
 
 def test_channels_last_session_gives_the_model_back(model):
     before = [(p.data_ptr(), p.stride(), p.clone()) for p in model.parameters()]
-    res = Explainer(model, MedCAMConfig(steps=4, min_steps=4, check_every=4, channels_last=True, n_random=2))(
+    res = Explainer(model, MedCAMConfig(steps=4, fit=dict(min_steps=4, check_every=4, channels_last=True), checks=dict(n_random=2)))(
         make_planted(1, size=SIZE, seed=1, positive_only=True)[0])
     assert res.mask.shape == (1, SIZE, SIZE)
     for p, (ptr, stride, value) in zip(model.parameters(), before):

@@ -7,7 +7,7 @@ import torch
 
 from medcam_fast.data.tags import GT_DILATION, draw_tags, glyph, tag_mask, tag_positions
 from medcam_fast.evaluation import (EvalOptions, EvalSet, Evaluation, JudgeRecipe, example_maps, fit_judge,
-                                    write_report)
+                                    write_evaluation_report)
 from medcam_fast.evaluation.masking import RandomMasking, blob_scores, fill, random_masks
 from medcam_fast.evaluation.probe import exact_mask_kept, lesion_scores, probe, random_rankings, rates
 from medcam_fast.evaluation.tag_cases import brightest, build_tag_cases, tagged_like_training
@@ -83,6 +83,7 @@ def test_fills_and_random_masking():
     assert ((out == 0).flatten(1).sum(1) >= 192).all()
 
 
+@pytest.mark.slow
 def test_tag_cases_are_flipped_and_restored(tag_model):
     x, y = make_tagged(200, seed=7)
     clean = x[y == 0]
@@ -110,6 +111,7 @@ def test_brightest_and_training_like_tags():
     assert 0.8 < tagged[labels == 1].float().mean() < 1.0 and tagged[labels == 0].float().mean() < 0.12
 
 
+@pytest.mark.slow
 def test_oracle_mask_is_the_evidence_in_the_harness(tag_model, tmp_path):
     # the tag that the tiny model reads is sufficient on its own (ground truth: kept, hit, precision
     # and recall 1), random blobs at the same area are not, and the trivial masks behave as they must
@@ -141,12 +143,13 @@ def test_oracle_mask_is_the_evidence_in_the_harness(tag_model, tmp_path):
     assert not any(r["kept"] for r in by["all_zero"]) and all(r["kept"] for r in by["all_one"])
     assert all(r["recall"] == 0.0 and r["precision"] != r["precision"] for r in by["all_zero"])  # NaN precision
     assert example_maps(ev, ("ground_truth", "all_zero"), n=2) == {}   # controls are no map for the grid
-    summary = write_report(records, tmp_path, "tag", ["fact"], known_evidence=True)
+    summary = write_evaluation_report(records, tmp_path, "tag", ["fact"], known_evidence=True)
     text = (tmp_path / "results.md").read_text()
     assert "## Known evidence: the planted tag" in text and "| ground_truth | 12 | 100.0% | 100.0% |" in text
     assert summary["all_one"]["kept"] == 1.0 and json.loads((tmp_path / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_judge_is_a_copy_and_learns_partial_inputs(tag_model):
     before = {k: v.clone() for k, v in tag_model.state_dict().items()}
     x, y = make_tagged(128, seed=21)
@@ -168,6 +171,7 @@ def test_lesion_ranking_grows_from_the_core():
     assert (lesion_scores(torch.zeros(1, 4, 4, dtype=torch.bool)) == 0).all()
 
 
+@pytest.mark.slow
 def test_probe_tells_the_tag_from_random_pixels(tag_model):
     x, y = make_tagged(120, seed=31)
     clean = x[y == 0]

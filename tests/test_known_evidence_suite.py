@@ -154,7 +154,7 @@ def test_harness_scores_perturbation_and_objective_rows(tmp_path):
     pool, _ = make_two_cue(4, seed=9)
     data = EvalSet("two_cue", cases.x[:3], cases.ids[:3], cases.gt[:3], pool, cases.x[3:], cases.gt[3:],
                    gt_lesion=cases.lesion[:3])
-    cfg = MedCAMConfig(steps=20, min_steps=10, check_every=10)
+    cfg = MedCAMConfig(steps=20, fit=dict(min_steps=10, check_every=10))
     opt = EvalOptions(methods=("occlusion_blur", "rise_blank", "medcam_deletion"), batch=1, curve_metrics=False,
                       warm_up=True, medcam=cfg)
     records = Evaluation(model, data, tmp_path, opt).run()
@@ -176,7 +176,7 @@ def test_pass_counter_sees_the_traced_fit():
     from medcam_fast import Explainer
 
     model, cases = _two_cue_cases(needs_lesion=False, n=1)
-    ex = Explainer(model, MedCAMConfig(steps=10, min_steps=10, check_every=10))
+    ex = Explainer(model, MedCAMConfig(steps=10, fit=dict(min_steps=10, check_every=10)))
     with PassCounter(model) as c:
         ex(cases.x)
     assert c.images >= 10 and ex.classifier_path in ("traced", "hooks")
@@ -231,7 +231,7 @@ def test_suite_architectures_are_supported(name):
     model = build_model(spec).eval()
     x = torch.randn(1, 1, s.size, s.size)
     assert len(default_layers(model, x)) >= 4
-    res = explain(model, x, config=MedCAMConfig(steps=5, min_steps=5, check_every=5))
+    res = explain(model, x, config=MedCAMConfig(steps=5, fit=dict(min_steps=5, check_every=5)))
     assert res.mask.shape == (1, s.size, s.size)
     assert cam_maps(model, x, res.label, "gradcam").shape == (1, s.size, s.size)
 
@@ -252,6 +252,7 @@ def test_case_card_markdown_states_the_oracle_facts():
     assert "| test | 60 | 50 | 90% | 25% | 0% | 88% | 2% | 100% | necessary |" in md and "-2.0 points" in md
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (DATA / "brain_mri").is_dir(), reason="needs ../shared/data/brain_mri")
 def test_val_and_test_cases_come_from_disjoint_images():
     from medcam_fast.evaluation.suite import load_case

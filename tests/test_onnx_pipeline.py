@@ -7,7 +7,7 @@ from medcam_fast.onnx import OrtClassifier, export_classifier
 
 from planted import make_planted, train_tiny_cnn
 
-CFG = MedCAMConfig(steps=40, min_steps=20, check_every=10)
+CFG = MedCAMConfig(steps=40, fit=dict(min_steps=20, check_every=10))
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +29,15 @@ class _Counting:
         return self.inner(x)
 
 
+@pytest.mark.slow
 def test_ort_forward_matches_torch_path(setup):
     model, x, ref, ort = setup
     counting = _Counting(ort)
-    a = explain(model, x, config=CFG, reference=ref, seed=1)
-    b = explain(model, x, config=CFG, reference=ref, seed=1, forward=counting)
+    a = explain(model, x, config=CFG, counterfactuals=ref, seed=1)
+    b = explain(model, x, config=CFG, counterfactuals=ref, seed=1, forward=counting)
     assert counting.calls > 0  # the gradient-free passes really went through ORT
     assert torch.equal(a.soft_mask, b.soft_mask)  # the fit (gradient passes) is torch's in both
-    assert torch.equal(a.label, b.label) and torch.equal(a.kept, b.kept)
+    assert torch.equal(a.label, b.label) and torch.equal(a.kept_on_baseline, b.kept_on_baseline)
     torch.testing.assert_close(a.prob_input, b.prob_input, atol=1e-4, rtol=0)
     # the same binary masks and figures: onnxruntime's logits differ from torch's by ~1e-6, and a
     # pick changed by such differences in none of 132 (image, seed) cases measured on the planted
@@ -50,5 +51,5 @@ def test_ort_forward_matches_torch_path(setup):
 
 def test_explainer_takes_forward(setup):
     model, x, ref, ort = setup
-    res = Explainer(model, CFG, forward=ort, reference=ref)(x[:1])
-    assert res.kept.shape == (1,) and res.status[0] in ("ok", "null_keeps_label", "not_minimal", "not_kept")
+    res = Explainer(model, CFG, forward=ort, counterfactuals=ref)(x[:1])
+    assert res.kept_on_baseline.shape == (1,) and res.status[0] in ("ok", "null_keeps_label", "not_minimal", "not_kept")

@@ -21,7 +21,7 @@ H = W = 48
 
 def make_row(**changes):
     row = {"name": "img_0", "label": 1, "class_name": "meningioma", "prob_input": 0.91, "prob_evidence": 0.83,
-           "kept": True, "kept_robust": 0.875, "area": 0.12, "prob_null": 0.05, "null_keeps_label": False,
+           "kept_on_baseline": True, "kept_robust": 0.875, "area": 0.12, "prob_null": 0.05, "null_keeps_label": False,
            "status": "ok", "reason": "kept, robust, minimal", "selection": "threshold", "steps": 5,
            "seconds": 0.42}
     row.update(changes)
@@ -165,7 +165,7 @@ def test_blank_image_sentence(tmp_path):
 
 def test_html_table_columns(tmp_path):
     html, _ = write(tmp_path, [make_row(kept_robust=float("nan"))])
-    for head in ("name", "label", "class name", "p(label | x)", "p(label | evidence)", "kept", "sufficient",
+    for head in ("name", "label", "class name", "p(label | x)", "p(label | evidence)", "kept on baseline", "sufficient",
                  "area", "a*", "random_pass", "flipped when removed", "certified fills", "p(label | blank)",
                  "null_keeps_label", "kept_robust (audit)", "status", "seconds"):
         assert f"<th>{head}</th>" in html

@@ -11,7 +11,7 @@ from medcam_fast.medcam.service import ExplainerService, ServiceClosed, ServiceF
 
 from planted import make_planted, train_tiny_cnn
 
-CFG = MedCAMConfig(steps=20, min_steps=10, check_every=10, n_random=4)
+CFG = MedCAMConfig(steps=20, fit=dict(min_steps=10, check_every=10), checks=dict(n_random=4))
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,7 @@ def _same(a, b):
             and a.status == b.status and torch.equal(a.steps, b.steps))
 
 
+@pytest.mark.slow
 def test_concurrent_clients_get_the_direct_calls_results(setup):
     model, x = setup
     ex = Explainer(model, CFG)
@@ -177,7 +178,7 @@ def test_submit_racing_close_never_leaves_a_future_unresolved(setup):
     returns a Future that resolves (a result or ServiceClosed), none hangs."""
     model, x = setup
     for _ in range(3):
-        service = ExplainerService(Explainer(model, CFG.replace(steps=10, min_steps=10)), max_batch=8, window=0.0)
+        service = ExplainerService(Explainer(model, CFG.replace(steps=10, fit=dict(min_steps=10))), max_batch=8, window=0.0)
         futures, refused, go = [], [], threading.Event()
 
         def client(i):

@@ -12,7 +12,7 @@ from medcam_fast.medcam import sufficiency as S
 
 from planted import CornerClassifier, SQUARE, make_planted, train_tiny_cnn
 
-QUICK = MedCAMConfig(steps=40, min_steps=20, check_every=10)
+QUICK = MedCAMConfig(steps=40, fit=dict(min_steps=20, check_every=10))
 
 
 def _corner_image():
@@ -123,6 +123,7 @@ def planted_model():
     return train_tiny_cnn(seed=0)
 
 
+@pytest.mark.slow
 def test_single_image_calls_find_the_square_without_a_reference(planted_model):
     # One image per call, no reference set: every fill comes from x itself. Measured with the
     # defaults on the 12 images of make_planted(12, seed=7) (these 8 are its first): mean IoU 0.82,
@@ -160,7 +161,7 @@ class _Reads(nn.Module):
 
 def test_mask_dependent_fill_counts_where_it_discriminates(planted_model):
     x, _, gt = make_planted(1, seed=7, positive_only=True)
-    res = explain(planted_model, x, config=MedCAMConfig(mask_fills=("impute",), checks="full"), seed=0)
+    res = explain(planted_model, x, config=MedCAMConfig(checks=dict(mask_fills=("impute",), mode="full")), seed=0)
     # on the planted square, random blobs fail under imputation too, so it counts beside the others
     assert res.certified_fills[0].split(", ")[-1] == "impute", res.certified_fills
     assert res.status == ["ok"] and bool(res.sufficient[0])
@@ -180,9 +181,9 @@ def test_status_not_informative_when_random_blobs_pass():
     # a classifier that reads only the mean brightness of a uniform image: a random blob of the
     # mask's area gives exactly the mask's own mean, so it passes whenever the mask does
     x = torch.full((1, 1, 16, 16), 0.9)
-    cfg = QUICK.replace(fills=("baseline",), min_area=0.0)
+    cfg = QUICK.replace(fills=("baseline",), checks=dict(min_area=0.0))
     res = explain(_Reads(lambda f: torch.stack([0.25 - f.flatten(1).mean(1), f.flatten(1).mean(1) - 0.25], 1) * 40),
                   x, config=cfg)
     assert bool(res.sufficient[0]) and res.random_pass[0].item() == 1.0
     assert res.status == ["not_informative"] and "random blobs" in res.reason[0]
-    assert res.a_star.shape == (1,) and res.evidence_curve.shape == (1, len(cfg.area_grid))
+    assert res.a_star.shape == (1,) and res.evidence_curve.shape == (1, len(cfg.checks.area_grid))

@@ -14,7 +14,7 @@ from medcam_fast.medcam.result import Explanation
 from _testing import devices
 from planted import MARK_PIXELS, MARK_VALUE, TwoCueClassifier, make_two_cue
 
-FAST = dict(steps=40, min_steps=20, check_every=10)
+FAST = dict(steps=40, fit=dict(min_steps=20, check_every=10))
 SOURCES = ("fit", "occlusion", "occlusion+fit")
 
 
@@ -47,10 +47,10 @@ def test_an_ok_necessary_region_holds_the_mark(source):
     model, cases = _cases(needs_lesion=True, n=4, context=True)
     e = explain(model, cases.x, config=MedCAMConfig(necessary=source, **FAST), seed=0)
     assert e.two_sided and e.necessary_mask.shape == (4, 64, 64) and e.necessary_mask.dtype == torch.bool
-    assert e.necessary_ranking.shape == (4, 64, 64) and e.necessary_curve.shape == (4, len(MedCAMConfig().area_grid))
+    assert e.necessary_logits.shape == (4, 64, 64) and e.necessary_curve.shape == (4, len(MedCAMConfig().checks.area_grid))
     ok = torch.tensor([s == "ok" for s in e.necessary_status])
     assert (_bright_left(cases.x, e.necessary_mask)[ok] < MARK_PIXELS // 2).all()
-    assert e.necessary_flipped[ok].all() and (e.necessary_random_pass[ok] <= MedCAMConfig().random_bound).all()
+    assert e.necessary_flipped[ok].all() and (e.necessary_random_pass[ok] <= MedCAMConfig().checks.random_bound).all()
     assert (e.necessary_new_label[ok] == 0).all()
 
 
@@ -86,7 +86,7 @@ def test_two_sided_default_shared_ranking_and_one_sided_option():
     assert torch.equal(one.mask, both.mask) and one.status == both.status     # the sufficient side is unchanged
     assert not one.two_sided and one.necessary_status == [] and "necessary_status" not in one.rows()[0]
     shared = explain(model, cases.x, config=MedCAMConfig(necessary="shared", **FAST), seed=0)
-    assert torch.equal(shared.ranking, one.ranking) and torch.equal(shared.necessary_ranking, one.ranking)
+    assert torch.equal(shared.mask_logits, one.mask_logits) and torch.equal(shared.necessary_logits, one.mask_logits)
     assert torch.equal(shared.mask, one.mask) and shared.status == one.status
 
 

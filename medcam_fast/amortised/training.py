@@ -13,7 +13,7 @@ import datetime
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,14 +40,25 @@ class AmortisedRecipe:
     # share of each batch explained for a class the classifier does not give. 0.5 on the demo's
     # brain_mri run (val 32): wrong labels pass 0.0% (0.25: 3.1%), but status ok 9.4% (0.25: 31.2%)
     wrong_rate: float = 0.25
-    anneal: float = 0.3              # share of the steps with stochastic binarisation thresholds (then 0.5)
-    widths: tuple[int, ...] = (16, 32, 64, 128)
-    scale: int = 0                   # 0: the per-image fit's auto scale (a grid of at most 64 px a side)
-    init_bias: float = -2.0
-    standardise: float = 3.0         # logits = s * standardised map + offset, as the per-image U-Net
-    offset_lr_scale: float = 20.0    # learning-rate factor of the offset's parameters (as the fit's)
+    # share of the steps with stochastic binarisation thresholds (then 0.5); the trainer's own, not
+    # the fit's (config.fit.anneal, 0.6): it spans 2000 steps over many images, not one image's fit
+    anneal: float = 0.3
+    widths: tuple[int, ...] = (16, 32, 64, 128)   # conditional on the class: wider than the fit's U-Net
+    # None: the per-image fit's (config.fit.unet_scale, init_bias, standardise, offset_lr_scale),
+    # filled in by :meth:`resolved`, so the card holds the values used
+    scale: int | None = None         # 0: a grid of at most 64 px a side
+    init_bias: float | None = None
+    standardise: float | None = None  # logits = s * standardised map + offset, as the per-image U-Net
+    offset_lr_scale: float | None = None  # learning-rate factor of the offset's parameters
     checkpoint_every: int = 100
     seed: int = 0
+
+    def resolved(self, config: MedCAMConfig) -> "AmortisedRecipe":
+        """This recipe with every None taken from ``config.fit``: one source of truth per default."""
+        fit = config.fit
+        inherited = {"scale": fit.unet_scale, "init_bias": fit.init_bias, "standardise": fit.standardise,
+                     "offset_lr_scale": fit.offset_lr_scale}
+        return replace(self, **{k: v for k, v in inherited.items() if getattr(self, k) is None})
 
     def validate(self) -> "AmortisedRecipe":
         if self.steps < 1 or self.batch < 2 or self.checkpoint_every < 1:
@@ -65,7 +76,7 @@ def _labels_and_fills(fwd, images: torch.Tensor, cfg: MedCAMConfig, device, chun
     for s in range(0, images.shape[0], chunk):
         x = images[s:s + chunk].to(device)
         y = fwd(x).argmax(1)
-        fills = sufficiency.certify(fwd, x, y, cfg.fills, cfg.baseline, cfg.certify_margin, cfg.max_batch)
+        fills = sufficiency.certify(fwd, x, y, cfg.fills, cfg.baseline, cfg.checks.certify_margin, cfg.max_batch)
         labels.append(y.cpu())
         certified.append(fills.certified.cpu())
     return torch.cat(labels), torch.cat(certified)
@@ -101,11 +112,11 @@ def train_explainer(model: torch.nn.Module, images: torch.Tensor, config: MedCAM
         fingerprint, ``input_shape``, ``training`` with the loss history).
     """
     cfg = (config or MedCAMConfig()).validate()
-    recipe = (recipe or AmortisedRecipe()).validate()
+    recipe = (recipe or AmortisedRecipe()).resolved(cfg).validate()
     if not torch.is_tensor(images) or images.dim() != 4 or images.shape[0] < 2 or not images.is_floating_point():
         raise ValueError("images must be a float tensor [M,C,H,W] with M >= 2")
     start = time.perf_counter()
-    clf = FrozenClassifier(model, cfg.layers, cfg.layer_weights)
+    clf = FrozenClassifier(model, cfg.fit.layers, cfg.fit.layer_weights)
     device = clf.device
     clf.prepare(images[:1].to(device))
     fingerprint = classifier_fingerprint(model)
@@ -120,7 +131,7 @@ def train_explainer(model: torch.nn.Module, images: torch.Tensor, config: MedCAM
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(recipe.seed)
             net = ConditionalUNet(c, k, recipe.widths, recipe.scale or auto_scale((h, w)), recipe.init_bias,
-                                  recipe.standardise, cfg.std_floor)
+                                  recipe.standardise, cfg.fit.std_floor)
         net = net.to(device).train()
         offset = {id(p) for p in net.offset_parameters()}
         opt = torch.optim.Adam([{"params": [p for p in net.parameters() if id(p) not in offset]},
@@ -203,12 +214,12 @@ def _train_step(net, view, opt, images, labels, certified, cfg, recipe, metrics,
     fill_idx = _pick_fill(certified[idx], gen)
     noise = torch.rand((1, 1, *x.shape[2:]), generator=gen).to(device, x.dtype)
     progress = torch.tensor([step / recipe.steps], device=device, dtype=x.dtype)
-    thresholds = threshold_field(noise, progress, cfg.threshold, recipe.anneal)   # [1,1,H,W]
+    thresholds = threshold_field(noise, progress, cfg.fit.threshold, recipe.anneal)   # [1,1,H,W]
     ri_cpu, wi_cpu = (~wrong_cpu).nonzero()[:, 0], wrong_cpu.nonzero()[:, 0]
     ri, wi = ri_cpu.to(device), wi_cpu.to(device)
 
     mask_logits = net(x, target)
-    _, m = straight_through(mask_logits, cfg, thresholds if cfg.binarize == "stochastic" else None)
+    _, m = straight_through(mask_logits, cfg, thresholds if cfg.fit.binarize == "stochastic" else None)
     loss = torch.zeros((), device=device)
     held = torch.zeros((), device=device)
     if ri_cpu.numel():
@@ -222,12 +233,12 @@ def _train_step(net, view, opt, images, labels, certified, cfg, recipe, metrics,
         # image's own Adam fit, it swamps a batch's gradient, so it is floored at 10% of the mean
         ts = [torch.maximum(sc, 0.1 * sc.mean(1, keepdim=True)) for sc in ts]
         per, _, ok = fast_loss(view, xr, yr, m[ri], mask_logits[ri], [background], (tl, tf, ts, tc),
-                               cfg.replace(lambda_min=0.0), metrics)
+                               cfg.replace(priors=dict(lambda_min=0.0)), metrics)
         loss = loss + per.sum()
         held = ok.float().mean()
     # the priors with the sigmoid's own slope: the fit's constant slope never fades, and over
     # thousands of steps it drove every logit to -inf (the fit stops after 150)
-    loss = loss + prior_loss(mask_logits, cfg.replace(st_slope=0.0)).sum()
+    loss = loss + prior_loss(mask_logits, cfg.replace(fit=dict(st_slope=0.0))).sum()
     opt.zero_grad(set_to_none=True)
     (loss / b).backward()
     opt.step()

@@ -129,7 +129,7 @@ class ExplainWorker:
         self.spec, self.seed, self.device = spec, int(seed), torch.device(device)
         self.loaded = spec.load(self.device)
         cfg = config or MedCAMConfig()
-        cfg = cfg.replace(layers=self.loaded.layers) if self.loaded.layers else cfg
+        cfg = cfg.replace(fit=dict(layers=self.loaded.layers)) if self.loaded.layers else cfg
         self.explainer = Explainer(self.loaded.model, cfg, device=self.device)
         self.pid = os.getpid()
 

@@ -15,15 +15,16 @@ import torch.nn.functional as F
 
 from .examples import example_grid, example_maps
 from .judge import JudgeRecipe, fit_judge
-from .runner import CAM_METHODS, CONTROL_METHODS, PATCHNET_METHODS, EvalOptions, EvalSet, Evaluation, run_sanity
+from .randomisation import run_sanity
+from .runner import CAM_METHODS, CONTROL_METHODS, PATCHNET_METHODS, EvalOptions, EvalSet, Evaluation
 from .sufficiency import SWEEP, area_to_sufficiency, evidence_curve, kept_robust_of_masks, pick_backgrounds
-from .summary import summarise, write_report
+from .summary import summarise, write_evaluation_report
 
 DATASETS = ("brain_mri", "brain_mri_tag", "isic2018")
 
 __all__ = ["CAM_METHODS", "CONTROL_METHODS", "DATASETS", "JudgeRecipe", "PATCHNET_METHODS", "fit_judge", "tag_eval_set", "EvalOptions", "EvalSet", "Evaluation", "SWEEP", "area_to_sufficiency",
            "evaluate_dataset", "example_grid", "example_maps", "kept_robust_of_masks", "load_split", "pick_backgrounds", "run_sanity",
-           "evidence_curve", "summarise", "write_report"]
+           "evidence_curve", "summarise", "write_evaluation_report"]
 
 
 def load_split(dataset: str, root, split: str, preprocess, n: int | None, seed: int = 0, skip=()):
@@ -202,7 +203,16 @@ def evaluate_dataset(dataset: str, root, classifier: str, out_dir, n: int = 100,
         n_examples = 0
     shown = example_maps(ev, methods, n_examples) if n_examples > 0 else {}
     grid = example_grid(x[:n_examples], gt[:n_examples], ids[:n_examples], shown, out_dir) if shown else None
-    summary = write_report(records, out_dir, f"Evaluation on {dataset}", facts, sections, [grid] if grid else [],
+    summary = write_evaluation_report(records, out_dir, f"Evaluation on {dataset}", facts, sections, [grid] if grid else [],
                            known_evidence=cases is not None)
     summary["_sanity"] = sanity
     return summary
+
+
+def __getattr__(name):   # the old name, for one release
+    if name == "write_report":
+        from .._deprecation import warn_renamed
+
+        warn_renamed("medcam_fast.evaluation.write_report", "write_evaluation_report")
+        return write_evaluation_report
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

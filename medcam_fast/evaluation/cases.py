@@ -139,16 +139,16 @@ def oracle_facts(forward, x: torch.Tensor, call: torch.Tensor, gt: torch.Tensor,
     :class:`MedCAMConfig`): the one test of :mod:`medcam_fast.medcam.sufficiency`."""
     cfg = config or MedCAMConfig()
     logits = batched_logits(forward, x, batch_size)
-    fills = sufficiency.certify(forward, x, call, cfg.fills, cfg.baseline, cfg.certify_margin, batch_size)
+    fills = sufficiency.certify(forward, x, call, cfg.fills, cfg.baseline, cfg.checks.certify_margin, batch_size)
     use = sufficiency.counted(fills)
-    need = sufficiency.required_margin(sufficiency.margins(logits, call), cfg.keep_margin, cfg.keep_share)
+    need = sufficiency.required_margin(sufficiency.margins(logits, call), cfg.checks.keep_margin, cfg.checks.keep_share)
     masks = gt.bool()[:, None]
     kept = sufficiency.run_side(forward, x, call, masks, fills, "preservation", batch_size)
     removed = sufficiency.run_side(forward, x, call, masks, fills, "deletion", batch_size)
     area = gt.flatten(1).float().mean(1)
-    rs, _ = sufficiency.random_rate(forward, x, call, area, fills, need, cfg.n_random, seed, "preservation",
+    rs, _ = sufficiency.random_rate(forward, x, call, area, fills, need, cfg.checks.n_random, seed, "preservation",
                                     batch_size, use)
-    rn, _ = sufficiency.random_rate(forward, x, call, area, fills, need, cfg.n_random, seed, "deletion",
+    rn, _ = sufficiency.random_rate(forward, x, call, area, fills, need, cfg.checks.n_random, seed, "deletion",
                                     batch_size, use)
     return OracleFacts(use.any(1).cpu(), sufficiency.side_passes(kept, use, need, "preservation")[:, 0].cpu(),
                        sufficiency.side_passes(removed, use, need, "deletion")[:, 0].cpu(), rs.cpu(), rn.cpu(),

@@ -16,9 +16,9 @@ SETTINGS: dict[str, dict] = {
     "preservation": {},
     "deletion": {"objective": "deletion"},
     "dual": {"objective": "dual"},
-    "preservation, AM x5": {"act": 1.0},
-    "preservation, area x0.5": {"area": 2.0},
-    "deletion, area x0.5": {"objective": "deletion", "area": 2.0},
+    "preservation, AM x5": {"fit": {"act": 1.0}},
+    "preservation, area x0.5": {"priors": {"area_weight": 2.0}},
+    "deletion, area x0.5": {"objective": "deletion", "priors": {"area_weight": 2.0}},
 }
 
 # the necessary side's sources compared (the sufficient side at the defaults), scored on that side

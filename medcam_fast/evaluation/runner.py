@@ -20,7 +20,8 @@ import torch
 
 from .. import metrics
 from ..baselines.perturbation import HARNESS_METHODS as PERTURBATION_METHODS
-from ..medcam import Explainer, MedCAMConfig, plain_config, reference_config, sufficiency
+from ..medcam import Explainer, MedCAMConfig, paper_config, plain_config, sufficiency
+from ..medcam.config import CheckConfig
 from ..metrics.topk import top_k_mask
 from ..models.fingerprint import classifier_fingerprint
 from ..models.passes import PassCounter
@@ -65,10 +66,10 @@ class EvalOptions:
     methods: tuple[str, ...] = ("medcam",) + CAM_METHODS
     reference_images: int = 3       # reference mode is minutes per image: a few only
     batch: int = 16                 # images per Med-CAM call
-    n_robust: int = MedCAMConfig.n_robust
+    n_robust: int = CheckConfig.n_robust
     seed: int = 0
     medcam: MedCAMConfig = field(default_factory=MedCAMConfig)
-    reference: MedCAMConfig = field(default_factory=reference_config)
+    reference: MedCAMConfig = field(default_factory=paper_config)
     plain: MedCAMConfig = field(default_factory=plain_config)
     explainer: str | None = None    # the amortised explainer (.safetensors) of the amortised rows
     refine: int = 20                # fit steps of the "amortised+refine" row
@@ -88,15 +89,6 @@ def _load_done(path: Path) -> dict:
 def _f(v) -> float:
     v = float(v)
     return v if math.isfinite(v) else float("nan")
-
-
-def _precision_at_area(saliency: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """``[N]``: the share of the map's top pixels at the ground truth's own area that lie on it
-    (NaN where the ground truth is empty)."""
-    area = gt.flatten(1).float().mean(1)
-    top = top_k_mask(saliency.float(), area.double())
-    hit = (top & gt).flatten(1).sum(1).float()
-    return torch.where(area > 0, hit / top.flatten(1).sum(1).float().clamp(min=1), torch.full_like(area, float("nan")))
 
 
 class Evaluation:
@@ -126,9 +118,9 @@ class Evaluation:
         self.null_label = int(blank.argmax(1))
         cfg = self.opt.medcam   # the one test, with Med-CAM's settings, for every method
         self.fills = sufficiency.certify(self.forward, data.x, self.label, cfg.fills, cfg.baseline,
-                                         cfg.certify_margin, 64, cfg.mask_fills)
-        self.need = sufficiency.required_margin(sufficiency.margins(self.logits, self.label), cfg.keep_margin,
-                                                cfg.keep_share)
+                                         cfg.checks.certify_margin, 64, cfg.checks.mask_fills)
+        self.need = sufficiency.required_margin(sufficiency.margins(self.logits, self.label), cfg.checks.keep_margin,
+                                                cfg.checks.keep_share)
 
     def manifest(self) -> dict:
         """What decides this run's records: a resume with anything else is refused."""
@@ -168,7 +160,7 @@ class Evaluation:
         sufficient = sufficiency.preserved(own, use, need)[0][:, 0]
         removed = sufficiency.run_side(self.forward, x, y, mask[:, None], fills, "deletion")
         flipped = sufficiency.flipped(removed, use)[0][:, 0]
-        ctl = sufficiency.controls(self.forward, x, y, mask, fills, need, cfg.n_random, self.opt.seed, 64, use)
+        ctl = sufficiency.controls(self.forward, x, y, mask, fills, need, cfg.checks.n_random, self.opt.seed, 64, use)
         grid_ok, curve = evidence_curve(self.forward, x, y, saliency, fills, need)
         to_suff = area_to_sufficiency(grid_ok)
         area = metrics.mask_area(mask)
@@ -181,7 +173,7 @@ class Evaluation:
         # the ranking cut to its own smallest sufficient area (1.0 where none is)
         at_star = top_k_mask(saliency, to_suff.double())
         precision_star = (at_star & gt).flatten(1).sum(1).float() / at_star.flatten(1).sum(1).float()
-        precision_gt_area = _precision_at_area(saliency, gt)
+        precision_gt_area = metrics.precision_at_gt_area(saliency, gt)
         blob = self._blob_control(idx, area)
         out = []
         for j, i in enumerate(idx):
@@ -210,7 +202,7 @@ class Evaluation:
                 les = self.data.gt_lesion[i:i + 1]
                 r["lesion_hit"] = _f(metrics.hit_rate(saliency[j:j + 1], les)[0])
                 r["lesion_iou"] = _f(metrics.iou(mask[j:j + 1], les)[0])
-                r["lesion_precision_at_area"] = _f(_precision_at_area(saliency[j:j + 1], les)[0])
+                r["lesion_precision_at_area"] = _f(metrics.precision_at_gt_area(saliency[j:j + 1], les)[0])
             if extra:
                 r.update({k: v[j] for k, v in extra.items()})
             out.append(r)
@@ -285,21 +277,21 @@ class Evaluation:
                      "passes": [passes.images / len(idx)] * len(idx)}
             if res.two_sided:
                 extra.update(self._necessary_extra(res, idx))
-            self._append(self._score(method, idx, res.ranking, res.mask, seconds, extra, own_mask_counts=True))
+            self._append(self._score(method, idx, res.mask_logits, res.mask, seconds, extra, own_mask_counts=True))
             if self.progress:
                 self.progress(method, len(idx))
 
     def _necessary_extra(self, res, idx) -> dict:
         """The necessary side of Med-CAM's records: its status, area and random control, and its
         ranking and mask scored against the ground truth (and the lesion) like the main ones."""
-        gt, ranking, mask = self.data.gt[idx], res.necessary_ranking, res.necessary_mask
+        gt, ranking, mask = self.data.gt[idx], res.necessary_logits, res.necessary_mask
         overlap = (mask & gt).flatten(1).sum(1).float()
         out = {"necessary_status": list(res.necessary_status),
                "necessary_area": res.necessary_area.tolist(),
                "necessary_random_pass": [_f(v) for v in res.necessary_random_pass],
                "necessary_flipped": [bool(v) for v in res.necessary_flipped],
                "necessary_hit": metrics.hit_rate(ranking, gt).tolist(),
-               "necessary_precision_at_gt_area": [_f(v) for v in _precision_at_area(ranking, gt)],
+               "necessary_precision_at_gt_area": [_f(v) for v in metrics.precision_at_gt_area(ranking, gt)],
                "necessary_precision": [_f(v) for v in overlap / mask.flatten(1).sum(1).float()]}
         if self.data.gt_lesion is not None:
             out["necessary_lesion_hit"] = metrics.hit_rate(ranking, self.data.gt_lesion[idx]).tolist()
@@ -307,14 +299,14 @@ class Evaluation:
 
     def medcam_explainer(self, method: str) -> Explainer:
         """The :class:`Explainer` of one of :data:`MEDCAM_METHODS` in this run."""
-        mode = "reference" if method == "medcam_reference" else "fast"
+        mode = "paper" if method == "medcam_reference" else "fast"
         amortised = method.startswith("amortised")
         if amortised and self.opt.explainer is None:
             raise ValueError(f"method {method!r} needs an amortised explainer (EvalOptions.explainer / --explainer)")
         cfg = {"medcam_plain": self.opt.plain, "medcam_reference": self.opt.reference}.get(method, self.opt.medcam)
-        cfg = cfg.replace(batch_as_reference=False, n_robust=self.opt.n_robust, checks=self.opt.checks)
+        cfg = cfg.replace(checks=dict(batch_as_counterfactuals=False, n_robust=self.opt.n_robust, mode=self.opt.checks))
         cfg = cfg.replace(**MEDCAM_SETTINGS.get(method, {}))
-        return Explainer(self.model, cfg, mode=mode, reference=self.data.pool,
+        return Explainer(self.model, cfg, mode=mode, counterfactuals=self.data.pool,
                          amortised=self.opt.explainer if amortised else None,
                          refine=self.opt.refine if method == "amortised+refine" else 0)
 
@@ -406,38 +398,3 @@ class Evaluation:
         d = asdict(self.opt)
         d["sweep_areas"] = list(SWEEP)
         return d
-
-
-def run_sanity(model, data: EvalSet, out_dir, methods, n_images: int = 8, medcam_cfg: MedCAMConfig | None = None,
-               seed: int = 0, stages=None) -> dict:
-    """Cascading model-parameter randomisation (Adebayo et al. 2018) for each method, on the first
-    ``n_images`` images: IoU and Spearman of each map against the trained model's map as the top
-    stages are re-initialised one by one. Cached in ``sanity.json``."""
-    from ..baselines.gradcam import cam_maps
-
-    path = Path(out_dir) / "sanity.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    x = data.x[:n_images]
-    with torch.no_grad():
-        label = model(x).argmax(1)
-    cfg = (medcam_cfg or MedCAMConfig()).replace(batch_as_reference=False)
-
-    def medcam_fn(m, xx, yy):
-        return Explainer(m, cfg, reference=data.pool)(xx, target=yy, seed=seed).mask
-
-    out = {}
-    for method in methods:
-        if method == "medcam":
-            fn = medcam_fn
-        elif method in PATCHNET_METHODS:
-            from ..baselines.patchnet_saliency import patch_saliency
-
-            fn = lambda m, xx, yy: patch_saliency(m, xx, yy, "raw")  # noqa: E731
-        else:
-            fn = lambda m, xx, yy, meth=method: cam_maps(m, xx, yy, method=meth)  # noqa: E731
-        rows = metrics.cascading_randomisation(model, fn, x, label, stages=stages, seed=seed)
-        out[method] = [{"stage": r["stage"], "iou": _f(r["iou"].nanmean()), "spearman": _f(r["spearman"].nanmean())}
-                       for r in rows]
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    return out

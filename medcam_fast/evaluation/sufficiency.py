@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 
 from ..medcam import sufficiency
-from ..medcam.config import MedCAMConfig
+from ..medcam.config import CheckConfig
 from ..medcam.verify import kept_robust_of_masks
 from ..metrics.topk import top_k_mask
 
-SWEEP = MedCAMConfig.area_grid   # one grid: Med-CAM's candidates, a* and the curves
+SWEEP = CheckConfig.area_grid   # one grid: Med-CAM's candidates, a* and the curves
 
 
 def pick_backgrounds(pool: torch.Tensor, pool_labels: torch.Tensor, label: torch.Tensor, k: int,

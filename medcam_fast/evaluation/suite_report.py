@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from ..zoo.cards import card_markdown
+from ..zoo.cards import classifier_card_markdown
 
 # the suite table's rows, in order: perturbation baselines, CAMs, Med-CAM's default (both sides)
 # and its other two objectives (sufficient side only)
@@ -40,7 +40,7 @@ def oracle_line(o: dict) -> str:
 
 def case_card_markdown(card: dict) -> str:
     """The model card's Markdown with the case's known-evidence section appended."""
-    text = card_markdown(card)
+    text = classifier_card_markdown(card)
     ke = card.get("known_evidence")
     if not ke:
         return text

@@ -124,7 +124,7 @@ def figures(records: list[dict], summary: dict[str, dict], out_dir: Path) -> lis
     return names
 
 
-def write_report(records: list[dict], out_dir, title: str, facts: list[str], extra_sections=(),
+def write_evaluation_report(records: list[dict], out_dir, title: str, facts: list[str], extra_sections=(),
                  extra_figures=(), known_evidence: bool = False) -> dict:
     """Writes ``results.md``, ``results.json`` and the figures (plus ``extra_figures``, file names
     already in ``out_dir``); returns the summary. ``known_evidence``: the ground truth is a planted

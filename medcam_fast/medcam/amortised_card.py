@@ -6,7 +6,7 @@ def _pct(v) -> str:
     return "-" if v is None else f"{v:.1%}"
 
 
-def card_markdown(card: dict) -> str:
+def explainer_card_markdown(card: dict) -> str:
     """A readable card from the card dict that :func:`medcam_fast.amortised.save` stores."""
     arch, rec, tr = card.get("architecture", {}), card.get("recipe", {}), card.get("training", {})
     clf = card.get("classifier", {})

@@ -62,7 +62,7 @@ def save(explainer: AmortisedExplainer, path) -> Path:
     (``.json``; a readable ``.md`` too). Returns the weights' path."""
     from safetensors.torch import save_file
 
-    from .amortised_card import card_markdown
+    from .amortised_card import explainer_card_markdown
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -73,7 +73,7 @@ def save(explainer: AmortisedExplainer, path) -> Path:
     state = {k: v.detach().cpu().contiguous() for k, v in explainer.net.state_dict().items()}
     save_file(state, str(path), metadata={"card": json.dumps(card)})
     path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
-    path.with_suffix(".md").write_text(card_markdown(card))
+    path.with_suffix(".md").write_text(explainer_card_markdown(card))
     return path
 
 

@@ -168,11 +168,11 @@ def _random_control(img: _Image, area: float, side: str, need: float, cfg, seed:
     :func:`.sufficiency.random_blob_scores`) kept or removed like the mask, drawn in the fewest
     that could settle the verdict. Returns (rate, draws)."""
     size = tuple(img.x.shape[-2:])
-    blobs = sufficiency.random_blob_masks(torch.tensor([area]), cfg.n_random, size, seed, scores)[0].to(img.x.device)
-    k, bound = cfg.n_random, cfg.random_bound
+    blobs = sufficiency.random_blob_masks(torch.tensor([area]), cfg.checks.n_random, size, seed, scores)[0].to(img.x.device)
+    k, bound = cfg.checks.n_random, cfg.checks.random_bound
     allowed = math.floor(bound * k + 1e-9)
     passes = drawn = 0
-    while random_verdict(passes, drawn, k, bound, cfg.random_confidence) is None:
+    while random_verdict(passes, drawn, k, bound, cfg.checks.random_confidence) is None:
         # the fewest draws after which all-pass or all-fail would decide
         chunk = max(1, min(allowed + 1 - passes, k - allowed + passes - drawn, k - drawn))
         ok = (yield from _test(img, blobs[drawn:drawn + chunk], side, need))[0]
@@ -233,11 +233,11 @@ def _search(img: _Image, masks: torch.Tensor, areas: torch.Tensor, side: str, ne
         return eligible[hi] if hi < len(eligible) else None
 
     grid = sorted(range(1, m_count), key=lambda j: float(areas[j]))
-    sane = [j for j in grid if cfg.min_area <= float(areas[j]) <= cfg.max_area]
+    sane = [j for j in grid if cfg.checks.min_area <= float(areas[j]) <= cfg.checks.max_area]
     thr_meets = None
-    if not cfg.minimal_search:   # the threshold mask; with repair, the smallest larger one meeting
+    if not cfg.checks.minimal_search:   # the threshold mask; with repair, the smallest larger one meeting
         thr_meets = meets[0] = (yield from meets_objective(0))
-        if thr_meets or not cfg.repair:
+        if thr_meets or not cfg.checks.repair:
             return meets, score, side_ok, complete, prob, top1
         answer = yield from bisect([j for j in grid if float(areas[j]) >= float(areas[0])])
     else:
@@ -312,14 +312,14 @@ def adaptive_checks(forward, x: torch.Tensor, label: torch.Tensor, sufficient_lo
     if fills.mask_fills:
         raise ValueError("the adaptive checks cover the mask-independent fills; with mask_fills use checks='full'")
     n, dev = x.shape[0], x.device
-    thr_logit = cfg.mask_temperature * math.log(cfg.threshold / (1 - cfg.threshold))
+    thr_logit = cfg.fit.mask_temperature * math.log(cfg.fit.threshold / (1 - cfg.fit.threshold))
     use = sufficiency.counted(fills)
     testable = use.any(1)
     imgs = [_Image(x[i], int(label[i]), fills.images[i], fills.margin_alone[i].cpu(), use[i].cpu()) for i in range(n)]
     sides = [("preservation", sufficient_logits, cfg.objective)]
     if necessary_logits is not None:
         sides.append(("deletion", necessary_logits, "deletion"))
-    cands = [candidate_masks(logits, thr_logit, cfg.area_grid) for _, logits, _ in sides]
+    cands = [candidate_masks(logits, thr_logit, cfg.checks.area_grid) for _, logits, _ in sides]
     side_need = {"preservation": [float(v) for v in need], "deletion": [0.0] * n}
     rows = torch.arange(n, device=dev)
     # round 1: the searches of every image and side, batched together
@@ -332,7 +332,7 @@ def adaptive_checks(forward, x: torch.Tensor, label: torch.Tensor, sufficient_lo
         idx, notes = choose(masks, names, got["meets"].to(dev), got["score"].to(dev), testable, cfg)
         found.append((got, idx.cpu(), masks[rows, idx], [f"{names[int(j)]}: {notes[i]}" for i, j in enumerate(idx)]))
     # round 2: the chosen masks' extras and random controls, both sides together
-    scores = sufficiency.random_blob_scores(cfg.n_random, tuple(x.shape[-2:]), seed)
+    scores = sufficiency.random_blob_scores(cfg.checks.n_random, tuple(x.shape[-2:]), seed)
     jobs = []
     for s, (side, _, objective) in enumerate(sides):
         got, idx, mask, _ = found[s]
@@ -349,7 +349,7 @@ def adaptive_checks(forward, x: torch.Tensor, label: torch.Tensor, sufficient_lo
         grid_ok = got["side_ok"][:, 1:] & got["complete"][:, 1:]
         curve = torch.where(got["complete"][:, 1:], got["prob"][:, 1:], torch.full_like(got["prob"][:, 1:], math.nan))
         v = {"mask": mask, "area": mask.flatten(1).float().mean(1), "testable": testable, "use": use,
-             "selection": selection, "a_star": sufficiency.extremal_area(cfg.area_grid, grid_ok).to(dev),
+             "selection": selection, "a_star": sufficiency.extremal_area(cfg.checks.area_grid, grid_ok).to(dev),
              "curve": curve.to(dev), "random_pass": torch.tensor([e["random_pass"] for e in ex], device=dev),
              "random_draws": torch.tensor([e["random_draws"] for e in ex]),
              "check_passes": torch.tensor([passes1[s * n + i] + passes2[s * n + i] for i in range(n)])}
@@ -366,7 +366,7 @@ def adaptive_checks(forward, x: torch.Tensor, label: torch.Tensor, sufficient_lo
                      prob_removed=torch.tensor([e["prob_removed"] for e in ex], device=dev),
                      shape_keeps=torch.tensor([e["shape_margin"] for e in ex], device=dev) >= need,
                      kept_robust=torch.full((n,), math.nan, device=dev))
-            if cfg.audit_counterfactual and pool is not None and pool.verify_index is not None:
+            if cfg.checks.audit_counterfactual and pool is not None and pool.verify_index is not None:
                 kr = kept_robust_of_masks(forward, x, label, mask, pool.verify_backgrounds(), cfg.max_batch)
                 v["kept_robust"] = torch.where(pool.missing.to(dev), v["kept_robust"], kr)
         else:

@@ -13,61 +13,19 @@ from torch.profiler import record_function
 
 from ..models.adapter import FrozenClassifier, check_traced
 from .backgrounds import BackgroundSampler
-from .config import MODES, MedCAMConfig, reference_config
+from .config import MODES, MedCAMConfig, paper_config
 from .amortised_store import resolve
 from .counterfactual import build_pool
-from .fit import fit_fast, fit_reference, fit_targets
+from .fit import fit_fast, fit_paper, fit_targets
+from .full_checks import verify_sufficient
 from .step import resolve_compile
 from .unet import resolve_channels_last
 from .result import Explanation
 from . import sufficiency
 from .checks import adaptive_checks
 from .necessary import get_necessary_source, verify_necessary, with_statuses
-from .verify import batched_logits, candidate_masks, choose, is_oom, kept_robust_of_masks, status_of
-
-MIN_SIDE = 8
-
-
-def _validate_x(x) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x must be a torch.Tensor [C,H,W] or [N,C,H,W], got {type(x).__name__}")
-    if x.dim() == 3:
-        x = x.unsqueeze(0)
-    if x.dim() != 4:
-        raise ValueError(f"x must be [C,H,W] or [N,C,H,W], got rank {x.dim()} shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError("x is an empty batch (N=0)")
-    if not x.is_floating_point():
-        raise ValueError(f"x must be floating point (preprocessed as the model expects), got {x.dtype}")
-    if min(x.shape[2:]) < MIN_SIDE:
-        raise ValueError(f"x is {x.shape[2]}x{x.shape[3]}; Med-CAM needs images of at least {MIN_SIDE}x{MIN_SIDE}")
-    if not torch.isfinite(x).all():
-        raise ValueError("x holds NaN or Inf values")
-    return x
-
-
-def _validate_target(target, n: int, k: int, device) -> torch.Tensor | None:
-    if target is None:
-        return None
-    if isinstance(target, bool) or not isinstance(target, (int, torch.Tensor)):
-        raise ValueError(f"target must be None, an int or a [N] tensor of class indices, got {type(target).__name__}")
-    t = torch.as_tensor(target, device=device)
-    if t.dim() == 0:
-        t = t.expand(n)
-    if t.shape != (n,) or t.is_floating_point():
-        raise ValueError(f"target must be an int or a [N]={n} integer tensor, got shape {tuple(t.shape)} {t.dtype}")
-    if int(t.min()) < 0 or int(t.max()) >= k:
-        raise ValueError(f"target class indices must be in [0, {k}), got {t.tolist()}")
-    return t.long()
-
-
-def _validate_refine(refine, amortised) -> int:
-    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-        raise ValueError(f"refine must be an int >= 0 (per-image fit steps), got {refine!r}")
-    if refine and amortised is None:
-        raise ValueError("refine warm-starts the fit from an amortised explainer's mask: pass amortised=...")
-    return refine
-
+from .inputs import renamed_arguments, validate_refine, validate_target, validate_x
+from .verify import is_oom, status_of
 
 class _Counting:
     """``forward`` counting the images it classifies (the full checks' passes)."""
@@ -91,13 +49,14 @@ class Explainer:
         model: maps ``[N,C,H,W]`` to logits ``[N,K]``. It is frozen during each call and left
             exactly as it was (parameters, training flags, ``requires_grad``).
         config: a :class:`MedCAMConfig` (default: the fast defaults, or the paper's for
-            ``mode="reference"``).
-        mode: "fast" (default) or "reference" (the authors' procedure; slow).
+            ``mode="paper"``).
+        mode: "fast" (default) or "paper" (the authors' procedure; slow; once "reference").
         device: where to run; default the model's device. Inputs are moved there. The model is
             never moved: a ``device`` other than the model's raises ValueError.
         forward: optional callable for the gradient-free passes (labels, verification), e.g. an
             ``OrtClassifier``; gradient passes always use ``model``.
-        reference: optional ``[P,C,H,W]`` images for counterfactual backgrounds.
+        counterfactuals: optional ``[P,C,H,W]`` other images whose context replaces the removed
+            pixels in the counterfactual audit (once ``reference``).
         amortised: optional amortised explainer (a saved ``.safetensors`` path or an
             :class:`~medcam_fast.amortised.AmortisedExplainer`): masks from its one forward pass
             instead of the per-image fit, checked by the same test. Refused (ValueError) when it
@@ -109,26 +68,28 @@ class Explainer:
     """
 
     def __init__(self, model: nn.Module, config: MedCAMConfig | None = None, mode: str = "fast", device=None,
-                 forward=None, reference: torch.Tensor | None = None, amortised=None, refine: int = 0):
+                 forward=None, counterfactuals: torch.Tensor | None = None, amortised=None, refine: int = 0,
+                 reference: torch.Tensor | None = None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        mode, counterfactuals = renamed_arguments(mode, counterfactuals, reference)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
-        self.config = (config or (reference_config() if mode == "reference" else MedCAMConfig())).validate()
+        self.config = (config or (paper_config() if mode == "paper" else MedCAMConfig())).validate()
         self.model = model
-        self.classifier = FrozenClassifier(model, self.config.layers, self.config.layer_weights)
+        self.classifier = FrozenClassifier(model, self.config.fit.layers, self.config.fit.layer_weights)
         model_device = self.classifier.device
         self.device = torch.device(device) if device is not None else model_device
         if self.device.type != model_device.type or (self.device.index is not None and self.device != model_device):
             raise ValueError(f"device {self.device} differs from the model's device {model_device}; move the model "
                              "first (explain never moves your model)")
         self.forward = forward
-        self.reference = reference
-        self.amortised, self.refine = None, _validate_refine(refine, amortised)
+        self.counterfactuals = counterfactuals
+        self.amortised, self.refine = None, validate_refine(refine, amortised)
         if amortised is not None:
-            if mode == "reference":
-                raise ValueError("mode='reference' fits each image as the paper does; it takes no amortised explainer")
+            if mode == "paper":
+                raise ValueError("mode='paper' fits each image as the paper does; it takes no amortised explainer")
             self.amortised = resolve(amortised, model, self.device)
         self.classifier_path: str | None = None    # "traced" or "hooks", chosen on the first call
         self._path_lock = threading.Lock()
@@ -144,14 +105,14 @@ class Explainer:
 
     def _prepare_classifier(self, x: torch.Tensor, hooked, channels_last: bool):
         """Inside the session: the classifier view of the gradient and the frozen passes, chosen
-        once per Explainer (``cfg.classifier_path``: "traced", the FX graph with BatchNorms folded,
+        once per Explainer (``cfg.fit.classifier_path``: "traced", the FX graph with BatchNorms folded,
         1.3x faster on the demo classifier; "hooks"; "auto" = traced where FX can trace the model),
         its folded weights refreshed from the model's; ``hooked`` = (logits, activations) of ``x``
         from the hooks, the check of the traced view on the first call. Returns it, or None."""
         cfg = self.config
         with self._path_lock:
             if self.classifier_path is None:
-                want = "traced" if resolve_compile(cfg, self.device) else cfg.classifier_path
+                want = "traced" if resolve_compile(cfg, self.device) else cfg.fit.classifier_path
                 if want == "hooks":
                     self.classifier_path = "hooks"
                 else:
@@ -165,17 +126,18 @@ class Explainer:
                 return self.classifier.traced_graph if self.classifier_path == "traced" else None
         return self.classifier.traced(channels_last) if self.classifier_path == "traced" else None
 
-    def __call__(self, x: torch.Tensor, target=None, seed: int = 0, reference=None, refine: int | None = None
-                 ) -> Explanation:
+    def __call__(self, x: torch.Tensor, target=None, seed: int = 0, counterfactuals=None, refine: int | None = None,
+                 reference=None) -> Explanation:
         """Explains ``x`` ``[C,H,W]`` or ``[N,C,H,W]`` for ``target`` (None: the top-1 label);
         ``refine`` overrides the Explainer's (amortised only)."""
         start = time.perf_counter()
         cfg = self.config
-        refine = self.refine if refine is None else _validate_refine(refine, self.amortised)
-        x = _validate_x(x).to(self.device)
+        refine = self.refine if refine is None else validate_refine(refine, self.amortised)
+        x = validate_x(x).to(self.device)
         if self.amortised is not None:
             self.amortised.check_input(x)
-        reference = reference if reference is not None else self.reference
+        counterfactuals = renamed_arguments(self.mode, counterfactuals, reference)[1]
+        counterfactuals = counterfactuals if counterfactuals is not None else self.counterfactuals
         try:
             self.classifier.prepare(x)
         except RuntimeError as exc:
@@ -202,7 +164,7 @@ class Explainer:
                 with torch.no_grad():
                     logits_x, feats_x = step_clf.forward(x, with_activations=True)
             n, k = logits_x.shape
-            label = _validate_target(target, n, k, x.device)
+            label = validate_target(target, n, k, x.device)
             label = logits_x.argmax(1) if label is None else label
             # f(x) comes from the torch pass that also gives the activation targets (needed anyway)
             prob_input = logits_x.softmax(1).gather(1, label[:, None])[:, 0]
@@ -215,18 +177,18 @@ class Explainer:
 
             with record_function("medcam.certify_fills"):
                 fills = sufficiency.certify(self._frozen_forward, x, label, cfg.fills, cfg.baseline,
-                                            cfg.certify_margin, cfg.max_batch, cfg.mask_fills)
+                                            cfg.checks.certify_margin, cfg.max_batch, cfg.checks.mask_fills)
             pool = None
-            if cfg.background == "counterfactual" or cfg.audit_counterfactual:
-                pool = build_pool(self._frozen_forward, x, label, reference, cfg.n_robust, seed, cfg.max_batch,
-                                  cfg.batch_as_reference)
+            if cfg.fit.background == "counterfactual" or cfg.checks.audit_counterfactual:
+                pool = build_pool(self._frozen_forward, x, label, counterfactuals, cfg.checks.n_robust, seed, cfg.max_batch,
+                                  cfg.checks.batch_as_counterfactuals)
             logits, steps, ranking = self._rankings(x, label, logits_x, feats_x, pool, fills, seed, step_clf, refine)
-            soft = torch.sigmoid(logits / cfg.mask_temperature)
-            need = sufficiency.required_margin(sufficiency.margins(logits_x.detach(), label), cfg.keep_margin,
-                                               cfg.keep_share)
+            soft = torch.sigmoid(logits / cfg.fit.mask_temperature)
+            need = sufficiency.required_margin(sufficiency.margins(logits_x.detach(), label), cfg.checks.keep_margin,
+                                               cfg.checks.keep_share)
             verdict, necessary = self._check(x, label, logits.detach(), ranking, fills, pool, need, seed)
             if necessary is not None:
-                necessary["ranking"] = ranking[:, 0]
+                necessary["logits"] = ranking[:, 0]
         statuses, reasons = [], []
         for i in range(n):
             s, r = status_of(bool(verdict["sufficient"][i]), bool(verdict["testable"][i]),
@@ -237,7 +199,7 @@ class Explainer:
         kept = verdict["kept"]
         if not bool(kept.all()):
             warnings.warn(f"medcam_fast: {int((~kept).sum())} of {n} binary mask(s) do not keep the label on the "
-                          "blank baseline (returned with kept=False)", RuntimeWarning, stacklevel=2)
+                          "blank baseline (returned with kept_on_baseline=False)", RuntimeWarning, stacklevel=2)
         mf = verdict["mask"][:, None].to(x.dtype)
         evidence = mf * x + (1 - mf) * cfg.baseline
         cpu = {k: v.cpu() for k, v in verdict.items() if torch.is_tensor(v) and k != "use"}
@@ -248,17 +210,17 @@ class Explainer:
         return Explanation(
             mask=cpu["mask"], soft_mask=soft[:, 0].detach().cpu(), evidence=evidence.detach().cpu(),
             label=label.cpu(), prob_input=prob_input.cpu(), prob_evidence=cpu["prob_evidence"],
-            kept=cpu["kept"], area=cpu["area"], steps=steps, seconds=time.perf_counter() - start,
+            kept_on_baseline=cpu["kept"], area=cpu["area"], steps=steps, seconds=time.perf_counter() - start,
             prob_null=prob_null.cpu(), null_keeps_label=null_keeps.cpu(), kept_robust=cpu["kept_robust"],
             status=statuses, reason=reasons, selection=verdict["selection"],
             backgrounds=pool.description if pool is not None else "", mode=self.mode,
             sufficient=cpu["sufficient"], margin=cpu["margin"], flipped_when_removed=cpu["flipped"],
             prob_removed=cpu["prob_removed"], random_pass=cpu["random_pass"], shape_keeps_label=cpu["shape_keeps"],
-            a_star=cpu["a_star"], curve_areas=tuple(cfg.area_grid), evidence_curve=cpu["curve"],
+            a_star=cpu["a_star"], curve_areas=tuple(cfg.checks.area_grid), evidence_curve=cpu["curve"],
             certified_fills=[fills.described(i, verdict["use"]) for i in range(n)],
-            ranking=logits[:, 0].detach().cpu(),
+            mask_logits=logits[:, 0].detach().cpu(),
             source="fit" if self.amortised is None else "amortised+refine" if refine else "amortised",
-            n_random=cfg.n_random, checks=cfg.checks, check_passes=cpu["check_passes"],
+            n_random=cfg.checks.n_random, checks=cfg.checks.mode, check_passes=cpu["check_passes"],
             random_draws=cpu["random_draws"], **two)
 
     def _rankings(self, x, label, logits_x, feats_x, pool, fills, seed, step_clf, refine):
@@ -268,12 +230,12 @@ class Explainer:
         their logits are a constant below the threshold (an empty mask) and their steps 0."""
         cfg, n = self.config, x.shape[0]
         rows = None
-        if cfg.skip_untestable and self.mode == "fast" and not cfg.mask_fills and cfg.background != "counterfactual":
+        if cfg.checks.skip_untestable and self.mode == "fast" and not cfg.checks.mask_fills and cfg.fit.background != "counterfactual":
             testable = fills.certified.any(1)
             rows = None if bool(testable.all()) else testable.nonzero().flatten()
         if rows is None:
             return self._rank(x, label, logits_x, feats_x, pool, fills, seed, step_clf, refine)
-        thr_logit = cfg.mask_temperature * math.log(cfg.threshold / (1 - cfg.threshold))
+        thr_logit = cfg.fit.mask_temperature * math.log(cfg.fit.threshold / (1 - cfg.fit.threshold))
         logits = torch.full((n, 1, *x.shape[2:]), thr_logit - 1.0, device=x.device, dtype=x.dtype)
         steps = torch.zeros(n, dtype=torch.long)
         ranking = None if cfg.necessary is None else logits.clone()
@@ -308,13 +270,13 @@ class Explainer:
         every fill). Each verdict carries ``check_passes`` ``[N]``: the classifier passes its side
         spent per image (the full test's are the same for every image)."""
         cfg, fwd, n = self.config, self._frozen_forward, x.shape[0]
-        if cfg.checks == "adaptive":
+        if cfg.checks.mode == "adaptive":
             with record_function("medcam.checks"):
                 verdict, necessary = adaptive_checks(fwd, x, label, logits, ranking, fills, pool, need, cfg, seed)
             return verdict, None if necessary is None else with_statuses(necessary, fills, cfg)
         counter = _Counting(fwd)
         with record_function("medcam.sufficient_checks"):
-            verdict = self._verify(x, label, logits, fills, pool, need, seed, counter)
+            verdict = verify_sufficient(counter, x, label, logits, fills, pool, need, cfg, seed)
         verdict["check_passes"] = torch.full((n,), counter.take() // n)
         necessary = None
         if ranking is not None:
@@ -323,67 +285,8 @@ class Explainer:
             necessary["check_passes"] = torch.full((n,), counter.take() // n)
         for v in (verdict, necessary):
             if v is not None:   # every draw is run
-                v["random_draws"] = torch.where(v["testable"].cpu(), cfg.n_random, 0)
+                v["random_draws"] = torch.where(v["testable"].cpu(), cfg.checks.n_random, 0)
         return verdict, necessary
-
-    def _verify(self, x, label, mask_logits, fills, pool, need, seed, forward=None) -> dict:
-        """The test of :mod:`.sufficiency` on every candidate, the choice, and the chosen mask's
-        deletion side, controls, a* and evidence curve (``[N]`` tensors, ``curve`` ``[N,A]``)."""
-        cfg, fwd, n = self.config, forward or self._frozen_forward, x.shape[0]
-        thr_logit = cfg.mask_temperature * math.log(cfg.threshold / (1 - cfg.threshold))
-        masks, names = candidate_masks(mask_logits, thr_logit, cfg.area_grid)   # threshold, then the grid
-        use = sufficiency.counted(fills)
-        testable = use.any(1)
-        kept_side = sufficiency.run_side(fwd, x, label, masks, fills, "preservation", cfg.max_batch)
-        sufficient, worst_prob = sufficiency.preserved(kept_side, use, need)
-        worst_margin = sufficiency.worst_margin(kept_side, use)
-        # the deletion side of every candidate only where the choice needs it; else of the chosen one
-        flipped = prob_removed = None
-        if cfg.objective != "preservation":
-            flipped, prob_removed = sufficiency.flipped(
-                sufficiency.run_side(fwd, x, label, masks, fills, "deletion", cfg.max_batch), use)
-        meets = {"preservation": sufficient, "deletion": flipped,
-                 "dual": None if flipped is None else sufficient & flipped}[cfg.objective]
-        if cfg.objective == "dual":   # both where some candidate has both, else sufficiency alone
-            meets = torch.where(meets.any(1, keepdim=True), meets, sufficient)
-        if not (cfg.minimal_search or cfg.repair):   # the threshold mask only
-            meets = meets.clone()
-            meets[:, 1:] = False
-        idx, notes = choose(masks, names, meets, worst_margin, testable, cfg)
-        rows = torch.arange(n, device=x.device)
-        mask = masks[rows, idx]
-        if flipped is None:
-            flipped, prob_removed = sufficiency.flipped(
-                sufficiency.run_side(fwd, x, label, mask[:, None], fills, "deletion", cfg.max_batch), use)
-            flipped, prob_removed = flipped[:, 0], prob_removed[:, 0]
-        else:
-            flipped, prob_removed = flipped[rows, idx], prob_removed[rows, idx]
-        mf = mask[:, None].to(x.dtype)
-        ev_logits = batched_logits(fwd, mf * x + (1 - mf) * cfg.baseline, cfg.max_batch)
-        ctl = sufficiency.controls(fwd, x, label, mask, fills, need, cfg.n_random, seed, cfg.max_batch, use)
-        chosen_ok = sufficient[rows, idx]
-        if fills.mask_fills:
-            # a mask-dependent fill counts where random blobs of the mask's area fail under it; the
-            # chosen mask must then hold under it too (the candidates were ranked on the others)
-            extra_ok = ctl.random_pass_by_fill[:, len(fills.names):] <= cfg.random_bound
-            use = sufficiency.counted(fills, extra_ok)
-            chosen_ok = sufficiency.preserved(kept_side, use, need)[0][rows, idx]
-            ctl = sufficiency.controls(fwd, x, label, mask, fills, need, cfg.n_random, seed, cfg.max_batch, use)
-        kept_robust = torch.full((n,), float("nan"), device=x.device)
-        if cfg.audit_counterfactual and pool is not None and pool.verify_index is not None:
-            kr = kept_robust_of_masks(fwd, x, label, mask, pool.verify_backgrounds(), cfg.max_batch)
-            kept_robust = torch.where(pool.missing.to(x.device), kept_robust, kr)
-        return {
-            "mask": mask, "area": mask.flatten(1).float().mean(1), "testable": testable, "use": use,
-            "sufficient": chosen_ok, "margin": sufficiency.worst_margin(kept_side, use)[rows, idx],
-            "kept": ev_logits.argmax(1) == label,
-            "prob_evidence": ev_logits.softmax(1).gather(1, label[:, None])[:, 0],
-            "flipped": flipped, "prob_removed": prob_removed,
-            "random_pass": ctl.random_pass, "shape_keeps": ctl.shape_keeps, "kept_robust": kept_robust,
-            "a_star": sufficiency.extremal_area(cfg.area_grid, sufficient[:, 1:]),
-            "curve": worst_prob[:, 1:],
-            "selection": [f"{names[int(j)]}: {notes[i]}" for i, j in enumerate(idx)],
-        }
 
     def _amortised(self, x, label, logits_x, feats_x, pool, fills, seed, step_clf, refine: int):
         """The amortised explainer's mask logits ``[N,1,H,W]`` (one pass per ``max_batch``), then
@@ -395,7 +298,7 @@ class Explainer:
         if not refine:
             return base, torch.zeros(x.shape[0], dtype=torch.long)
         # exactly `refine` steps: one check at the end, no early stop
-        cfg = cfg.replace(steps=refine, min_steps=refine, check_every=refine)
+        cfg = cfg.replace(steps=refine, fit=dict(min_steps=refine, check_every=refine))
         return self._fit(x, label, logits_x, feats_x, pool, fills, seed, step_clf, base=base, cfg=cfg)
 
     def _fit(self, x, label, logits_x, feats_x, pool, fills, seed, step_clf=None, base=None, cfg=None
@@ -403,8 +306,8 @@ class Explainer:
         """Mask logits ``[N,1,H,W]`` and steps ``[N]``, warm-started from ``base`` ``[N,1,H,W]``
         logits when given; nothing here lives on ``self`` (thread safety)."""
         cfg = cfg or self.config
-        if self.mode == "reference":
-            fit = fit_reference(self.classifier, x, label, cfg, seed)
+        if self.mode == "paper":
+            fit = fit_paper(self.classifier, x, label, cfg, seed)
             return fit.logits, fit.steps.cpu()
         n = x.shape[0]
         logits = torch.empty(n, 1, *x.shape[2:], device=x.device, dtype=x.dtype)
@@ -435,8 +338,8 @@ class Explainer:
         """The robustness term's backgrounds: the images' own certified fills (``"fills"``; all
         fills for an image with none certified), other images (``"counterfactual"``), or a kind."""
         cfg = self.config
-        draws = cfg.steps * cfg.rob_draws
-        if cfg.background == "fills":
+        draws = cfg.steps * cfg.fit.rob_draws
+        if cfg.fit.background == "fills":
             f = fills.images.shape[1]
             eligible = []
             for i in range(sl.start, sl.stop):
@@ -444,7 +347,7 @@ class Explainer:
                 eligible.append(i * f + (ok if ok.numel() else torch.arange(f)))
             return BackgroundSampler("fills", xs, seed, pool=fills.images.flatten(0, 1), eligible=eligible,
                                      draws=draws)
-        if cfg.background == "counterfactual":
+        if cfg.fit.background == "counterfactual":
             eligible = pool.train_eligible[sl]
             if all(e.numel() > 0 for e in eligible):
                 return BackgroundSampler("counterfactual", xs, seed, pool=pool.images, eligible=eligible,
@@ -452,12 +355,12 @@ class Explainer:
             warnings.warn("medcam_fast: no counterfactual background for some images; the robustness term uses "
                           "gaussian noise for this batch", RuntimeWarning, stacklevel=3)
             return BackgroundSampler("gaussian", xs, seed)
-        return BackgroundSampler(cfg.background, xs, seed, constant=cfg.baseline)
+        return BackgroundSampler(cfg.fit.background, xs, seed, constant=cfg.baseline)
 
 
 def explain(model: nn.Module, x: torch.Tensor, target=None, config: MedCAMConfig | None = None, mode: str = "fast",
-            device=None, seed: int = 0, reference: torch.Tensor | None = None, forward=None, amortised=None,
-            refine: int = 0) -> Explanation:
+            device=None, seed: int = 0, counterfactuals: torch.Tensor | None = None, forward=None, amortised=None,
+            refine: int = 0, reference: torch.Tensor | None = None) -> Explanation:
     """Med-CAM: the smallest binary evidence in ``x`` that keeps ``model``'s decision, checked,
     and (by default, ``config.necessary``) the smallest region whose removal changes it, checked.
 
@@ -465,11 +368,11 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, config: MedCAMConfig
         model: maps ``[N,C,H,W]`` to logits ``[N,K]``; left exactly as it was.
         x: ``[C,H,W]`` or ``[N,C,H,W]``, preprocessed as the model expects.
         target: None (the top-1 label of f(x)), an int, or a ``[N]`` tensor of class indices.
-        config: :class:`MedCAMConfig`; default the fast defaults (or the paper's for reference).
-        mode: "fast" or "reference".
+        config: :class:`MedCAMConfig`; default the fast defaults (or the paper's for ``mode="paper"``).
+        mode: "fast" or "paper" (once "reference").
         device: default the model's device (x is moved there; the model never is).
         seed: seeds the U-Nets and the backgrounds: the same seed gives the same mask.
-        reference: optional ``[P,C,H,W]`` images for the counterfactual audit (``audit_counterfactual``)
+        counterfactuals: optional ``[P,C,H,W]`` images for the counterfactual audit (``checks.audit_counterfactual``)
             or ``background="counterfactual"``; never needed by the default test.
         forward: optional callable for the gradient-free passes (e.g. an OrtClassifier).
         amortised, refine: masks from an amortised explainer's one pass, optionally refined by
@@ -478,9 +381,10 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, config: MedCAMConfig
     Returns:
         :class:`Explanation` with ``mask`` ``[N,H,W]`` bool, ``sufficient`` ``[N]`` (the test of
         :mod:`medcam_fast.medcam.sufficiency`), ``random_pass``, ``a_star``, ``evidence_curve``,
-        ``status``; the necessary side's ``necessary_mask`` ``[N,H,W]``, ``necessary_ranking``,
+        ``status``; the necessary side's ``necessary_mask`` ``[N,H,W]``, ``necessary_logits``,
         ``necessary_random_pass``, ``necessary_status``; ``headline(i)``; and the rest (see its docstring).
     """
-    return Explainer(model, config, mode=mode, device=device, forward=forward, reference=reference,
+    mode, counterfactuals = renamed_arguments(mode, counterfactuals, reference)
+    return Explainer(model, config, mode=mode, device=device, forward=forward, counterfactuals=counterfactuals,
                      amortised=amortised, refine=refine)(
         x, target=target, seed=seed)

@@ -1,4 +1,4 @@
-"""The Med-CAM fit loops: ``fit_fast`` (batched, early-stopping) and ``fit_reference`` (the authors'
+"""The Med-CAM fit loops: ``fit_fast`` (batched, early-stopping) and ``fit_paper`` (the authors'
 procedure, slow and faithful). Both return the final mask logits of every image."""
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ def use_amp(cfg: MedCAMConfig, x: torch.Tensor) -> bool:
 
 
 def layer_metrics(cfg: MedCAMConfig, n_layers: int) -> list[str]:
-    if cfg.am_metric == "paper":  # cosine on the two shallow layers, channel-normalised MSE deeper
+    if cfg.fit.am_metric == "paper":  # cosine on the two shallow layers, channel-normalised MSE deeper
         return ["cosine" if i < 2 else "mse" for i in range(n_layers)]
-    return [cfg.am_metric] * n_layers
+    return [cfg.fit.am_metric] * n_layers
 
 
 def compose_all(x, m, baseline, backgrounds: list[torch.Tensor]) -> torch.Tensor:
@@ -50,15 +50,15 @@ def compose_all(x, m, baseline, backgrounds: list[torch.Tensor]) -> torch.Tensor
 def prior_loss(mask_logits: torch.Tensor, cfg: MedCAMConfig) -> torch.Tensor:
     """``[N]``: lambda_min * (area * |m|1 + bin * |m - m^2|1 + tv * TV) of the soft masks of
     ``mask_logits`` ``[N,1,H,W]`` (the fused op)."""
-    if cfg.st_slope > 0:
+    if cfg.fit.st_slope > 0:
         # the priors see the soft mask with the same constant slope as the ST mask: pushes up and
         # down then have equal footing (a vanishing sigmoid slope only on one side lets logits run away)
-        soft = torch.sigmoid(mask_logits / cfg.mask_temperature)
-        lin = mask_logits * (cfg.st_slope / cfg.mask_temperature)
-        pri = ops.mask_priors((lin - lin.detach()) + soft.detach(), diagonal=cfg.tv_diagonal)
+        soft = torch.sigmoid(mask_logits / cfg.fit.mask_temperature)
+        lin = mask_logits * (cfg.fit.st_slope / cfg.fit.mask_temperature)
+        pri = ops.mask_priors((lin - lin.detach()) + soft.detach(), diagonal=cfg.priors.tv_diagonal)
     else:
-        pri = losses.mask_priors(mask_logits, cfg.mask_temperature, cfg.tv_diagonal)
-    return cfg.lambda_min * (cfg.area * pri[:, 0] + cfg.bin * pri[:, 1] + cfg.tv * pri[:, 2])
+        pri = losses.mask_priors(mask_logits, cfg.fit.mask_temperature, cfg.priors.tv_diagonal)
+    return cfg.priors.lambda_min * (cfg.priors.area_weight * pri[:, 0] + cfg.priors.bin * pri[:, 1] + cfg.priors.tv * pri[:, 2])
 
 
 def fast_loss(clf, x, label, m, mask_logits, backgrounds, targets, cfg: MedCAMConfig, metrics):
@@ -85,26 +85,26 @@ def fast_loss(clf, x, label, m, mask_logits, backgrounds, targets, cfg: MedCAMCo
     out_e, out_r = logits[:n], logits[n:n * (1 + k)]
     label_r = label.repeat(k)
     am = losses.activation_matching([f[:n] for f in feats], target_feats, target_scales, clf.weights, metrics)
-    if cfg.ce_mode == "hinge":
+    if cfg.fit.ce_mode == "hinge":
         # e: as confident as x (up to p = keep_prob); e~: p(label) >= keep_prob under the fills
-        floor = -math.log(cfg.keep_prob)
+        floor = -math.log(cfg.fit.keep_prob)
         ce_e = losses.label_ce_hinge(out_e, label, target_ce.clamp(max=floor))
         ce_r = losses.label_ce_hinge(out_r, label_r, floor)
     else:
-        ce_e = losses.label_ce(out_e, label, cfg.ce_temperature)
-        ce_r = losses.label_ce(out_r, label_r, cfg.ce_temperature)
+        ce_e = losses.label_ce(out_e, label, cfg.fit.ce_temperature)
+        ce_r = losses.label_ce(out_r, label_r, cfg.fit.ce_temperature)
     ce_r = ce_r.view(k, n).mean(0)
-    keep = cfg.act * am + cfg.kl * losses.kl_to_input(out_e, target_logits, cfg.kl_temperature) + cfg.ce * ce_e
+    keep = cfg.fit.act * am + cfg.fit.kl * losses.kl_to_input(out_e, target_logits, cfg.fit.kl_temperature) + cfg.fit.ce * ce_e
     loss = prior_loss(mask_logits, cfg)
     held = torch.ones(n, dtype=torch.bool, device=x.device)
     if preserve:
-        loss = loss + cfg.lambda_am * keep + cfg.lambda_rob * cfg.rob * ce_r
+        loss = loss + cfg.fit.lambda_am * keep + cfg.fit.lambda_rob * cfg.fit.rob * ce_r
         held = (out_e.detach().argmax(1) == label) & \
             (out_r.detach().argmax(1) == label_r).view(k, n).all(0)
     if delete:
         out_d = logits[n * (1 + k):]
         log_p = torch.log_softmax(out_d, 1).gather(1, label[:, None])[:, 0]
-        loss = loss + cfg.dele * torch.relu(log_p - math.log(cfg.del_prob))
+        loss = loss + cfg.fit.dele * torch.relu(log_p - math.log(cfg.fit.del_prob))
         held = held & (out_d.detach().argmax(1) != label)
     return loss, out_e.detach(), held
 
@@ -132,7 +132,7 @@ def fit_fast(clf, x, label, targets, sampler: BackgroundSampler, cfg: MedCAMConf
     loss summed over the window changed by less than ``plateau`` (relative) from the window before
     (windows have ``check_every`` steps each, so this is the relative change of the mean too).
     A finished image leaves the batch ("drop") or is masked out of the update ("mask", static
-    shapes; ``cfg.finished``). The host syncs only at checks. ``targets``: :func:`fit_targets`;
+    shapes; ``cfg.fit.finished``). The host syncs only at checks. ``targets``: :func:`fit_targets`;
     ``step_clf``: the classifier view of the gradient pass (default ``clf``; a traceable one when
     compiled). ``base`` ``[N,1,H,W]``: a warm start (e.g. the amortised explainer's logits): the
     mask logits are base + the U-Net's, whose head starts at exactly 0 (:meth:`StackedUNet.zero_head`).
@@ -142,13 +142,13 @@ def fit_fast(clf, x, label, targets, sampler: BackgroundSampler, cfg: MedCAMConf
     if base is not None:
         unet.zero_head()
     unet.requires_grad_()
-    opt = StackedAdam(unet.parameters(), cfg.lr, lr_scale=unet.lr_scales(cfg.offset_lr_scale))
+    opt = StackedAdam(unet.parameters(), cfg.fit.lr, lr_scale=unet.lr_scales(cfg.fit.offset_lr_scale))
     compiled = resolve_compile(cfg, device)
     finished = resolve_finished(cfg, compiled)
     step_fn = FitStep(step_clf if step_clf is not None else clf, unet, cfg, fast_loss,
                       layer_metrics(cfg, len(clf.layers)), compiled)
-    thresholds = (sampler.thresholds(cfg.steps, cfg.threshold, cfg.anneal, x[:, :1])
-                  if cfg.binarize == "stochastic" else None)
+    thresholds = (sampler.thresholds(cfg.steps, cfg.fit.threshold, cfg.fit.anneal, x[:, :1])
+                  if cfg.fit.binarize == "stochastic" else None)
     final = torch.empty(n_all, 1, *x.shape[2:], device=device, dtype=x.dtype)
     steps = torch.full((n_all,), cfg.steps, dtype=torch.long)
     ids = torch.arange(n_all)                     # image of each row of the batch
@@ -159,27 +159,27 @@ def fit_fast(clf, x, label, targets, sampler: BackgroundSampler, cfg: MedCAMConf
     kept_acc = torch.ones(n_all, dtype=torch.bool, device=device)
     window_loss = torch.zeros(n_all, device=device)
     xa, ya, ta, ba = x, label, targets, base
-    settle = max(cfg.min_steps, cfg.anneal * cfg.steps if cfg.binarize != "threshold" else 0)
+    settle = max(cfg.fit.min_steps, cfg.fit.anneal * cfg.steps if cfg.fit.binarize != "threshold" else 0)
     for step in range(1, cfg.steps + 1):
-        r = cfg.rob_draws
+        r = cfg.fit.rob_draws
         backgrounds = torch.stack([sampler.draw((step - 1) * r + j) for j in range(r)])
         loss, held, mask_logits = step_fn(unet, opt, xa, ya, ta, None if thresholds is None else thresholds[step - 1],
                                           backgrounds, active, ba)
         kept_acc &= held
         window_loss += loss
         last = step == cfg.steps
-        if step % cfg.check_every and not last:
+        if step % cfg.fit.check_every and not last:
             continue
         # --- check (the one host sync of every check_every steps)
         rows = live.nonzero().flatten()
         img = ids[rows]
         kept_now = kept_acc.cpu()[rows]
         cur = window_loss.cpu()[rows]
-        flat = (cur - prev_loss[img]).abs() <= cfg.plateau * cur.abs().clamp(min=1e-8)
+        flat = (cur - prev_loss[img]).abs() <= cfg.fit.plateau * cur.abs().clamp(min=1e-8)
         streak[img] = torch.where(kept_now, streak[img] + 1, torch.zeros_like(streak[img]))
         prev_loss[img] = cur
         # never before the mask is binarised at the fixed threshold (the stochastic phase)
-        done = (streak[img] >= cfg.patience) & flat & (step >= settle)
+        done = (streak[img] >= cfg.fit.patience) & flat & (step >= settle)
         if last:
             done[:] = True
         if done.any():
@@ -211,10 +211,10 @@ def _reference_backgrounds(x: torch.Tensor, gen: torch.Generator) -> list[torch.
             torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1]
 
 
-def fit_reference(clf, x, label, cfg: MedCAMConfig, seed: int) -> FitResult:
+def fit_paper(clf, x, label, cfg: MedCAMConfig, seed: int) -> FitResult:
     """The paper-faithful procedure, one image at a time, as the authors' code does it.
 
-    DoubleConv U-Net (``cfg.unet_widths``), Adam at ``cfg.lr`` for ``cfg.steps`` steps; every step
+    DoubleConv U-Net (``cfg.fit.unet_widths``), Adam at ``cfg.fit.lr`` for ``cfg.steps`` steps; every step
     recomputes f(x), runs f on e = m*x (baseline 0) for AM + KL + CE, and on m_hard*x + (1-m_hard)*r
     for each of three backgrounds separately (KL to f(x), hard mask: no gradient reaches the mask).
     """
@@ -224,7 +224,7 @@ def fit_reference(clf, x, label, cfg: MedCAMConfig, seed: int) -> FitResult:
         xi, yi = x[i:i + 1], label[i:i + 1]
         unet = StackedUNet.from_config(cfg, 1, x.shape[1], seed, x.device, x.dtype, tuple(x.shape[-2:]))
         unet.requires_grad_()
-        opt = StackedAdam(unet.parameters(), cfg.lr)
+        opt = StackedAdam(unet.parameters(), cfg.fit.lr)
         gen = torch.Generator(device=x.device).manual_seed(int(seed))
         for _ in range(cfg.steps):
             with torch.no_grad():
@@ -234,16 +234,16 @@ def fit_reference(clf, x, label, cfg: MedCAMConfig, seed: int) -> FitResult:
             soft, m = straight_through(mask_logits, cfg)
             logits_e, feats_e = clf.forward(m * xi + (1 - m) * cfg.baseline, with_activations=True)
             am = losses.activation_matching(feats_e, tgt_feats, tgt_scales, clf.weights, metrics)
-            keep = cfg.act * am + cfg.kl * losses.kl_to_input(logits_e, tgt_logits, cfg.kl_temperature) \
-                + cfg.ce * losses.label_ce(logits_e, yi)
-            pri = ops.naive.mask_priors(soft, diagonal=cfg.tv_diagonal)
-            minimal = cfg.area * pri[:, 0] + cfg.bin * pri[:, 1] + cfg.tv * pri[:, 2]
-            hard = (soft > cfg.threshold).to(soft.dtype).detach()
+            keep = cfg.fit.act * am + cfg.fit.kl * losses.kl_to_input(logits_e, tgt_logits, cfg.fit.kl_temperature) \
+                + cfg.fit.ce * losses.label_ce(logits_e, yi)
+            pri = ops.naive.mask_priors(soft, diagonal=cfg.priors.tv_diagonal)
+            minimal = cfg.priors.area_weight * pri[:, 0] + cfg.priors.bin * pri[:, 1] + cfg.priors.tv * pri[:, 2]
+            hard = (soft > cfg.fit.threshold).to(soft.dtype).detach()
             robust = 0.0
             for r in _reference_backgrounds(xi, gen):
                 logits_r = clf.forward(hard * xi + (1 - hard) * r)
-                robust = robust + losses.kl_to_input(logits_r, tgt_logits, cfg.kl_temperature)
-            loss = cfg.lambda_am * keep + cfg.lambda_min * minimal + cfg.lambda_rob * cfg.rob * robust
+                robust = robust + losses.kl_to_input(logits_r, tgt_logits, cfg.fit.kl_temperature)
+            loss = cfg.fit.lambda_am * keep + cfg.priors.lambda_min * minimal + cfg.fit.lambda_rob * cfg.fit.rob * robust
             loss.sum().backward()
             opt.step()
         with torch.no_grad():

@@ -143,10 +143,10 @@ def verify_necessary(forward, x: torch.Tensor, label: torch.Tensor, ranking: tor
                      fills: sufficiency.FillSet, cfg, seed: int) -> dict:
     """The necessary side's checks for mask logits ``ranking`` ``[N,1,H,W]``.
 
-    Candidates are the threshold mask and the ranking's top-a level sets (``cfg.area_grid``),
+    Candidates are the threshold mask and the ranking's top-a level sets (``cfg.checks.area_grid``),
     each removed under every certified fill; the smallest that loses the call under all of them is
     chosen (:func:`.verify.choose`; with none, the one of lowest best-case margin). Its random
-    control draws ``cfg.n_random`` blobs of its area, removed the same way.
+    control draws ``cfg.checks.n_random`` blobs of its area, removed the same way.
 
     Returns ``[N]`` tensors ``mask`` (bool ``[N,H,W]``), ``area``, ``flipped``, ``prob_removed``
     (the highest p(label) with it removed), ``new_label`` (the class most fills give then),
@@ -154,27 +154,27 @@ def verify_necessary(forward, x: torch.Tensor, label: torch.Tensor, ranking: tor
     removed); ``testable``, ``use`` ``[N,F]``; per-image ``selection``, ``status``, ``reason``.
     """
     n = x.shape[0]
-    thr_logit = cfg.mask_temperature * math.log(cfg.threshold / (1 - cfg.threshold))
-    masks, names = candidate_masks(ranking, thr_logit, cfg.area_grid)
+    thr_logit = cfg.fit.mask_temperature * math.log(cfg.fit.threshold / (1 - cfg.fit.threshold))
+    masks, names = candidate_masks(ranking, thr_logit, cfg.checks.area_grid)
     use = sufficiency.counted(fills)
     testable = use.any(1)
     res = sufficiency.run_side(forward, x, label, masks, fills, "deletion", cfg.max_batch)
     flips, prob_removed = sufficiency.flipped(res, use)
     meets = flips.clone()
-    if not (cfg.minimal_search or cfg.repair):
+    if not (cfg.checks.minimal_search or cfg.checks.repair):
         meets[:, 1:] = False
     idx, notes = choose(masks, names, meets, -sufficiency.best_margin(res, use), testable, cfg)
     rows = torch.arange(n, device=x.device)
     mask = masks[rows, idx]
     area = mask.flatten(1).float().mean(1)
-    rate, _ = sufficiency.random_rate(forward, x, label, area, fills, 0.0, cfg.n_random, seed, "deletion",
+    rate, _ = sufficiency.random_rate(forward, x, label, area, fills, 0.0, cfg.checks.n_random, seed, "deletion",
                                       cfg.max_batch, use)
     top1 = res.top1[rows, idx]                                            # [N,F]
     new_label = torch.stack([torch.bincount(t[u], minlength=1).argmax() if u.any() else label[i]
                              for i, (t, u) in enumerate(zip(top1, use))])
     out = {"mask": mask, "area": area, "flipped": flips[rows, idx], "prob_removed": prob_removed[rows, idx],
            "new_label": new_label, "random_pass": rate, "testable": testable, "use": use,
-           "a_star": sufficiency.extremal_area(cfg.area_grid, flips[:, 1:]), "curve": prob_removed[:, 1:],
+           "a_star": sufficiency.extremal_area(cfg.checks.area_grid, flips[:, 1:]), "curve": prob_removed[:, 1:],
            "selection": [f"{names[int(j)]}: {notes[i]}" for i, j in enumerate(idx)]}
     return with_statuses(out, fills, cfg)
 

@@ -5,6 +5,13 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from .._deprecation import warn_renamed
+
+
+def _renamed(result, old: str, new: str):
+    warn_renamed(f"Explanation.{old}", f"Explanation.{new}", stacklevel=4)
+    return getattr(result, new)
+
 
 @dataclass
 class Explanation:
@@ -12,14 +19,14 @@ class Explanation:
 
     Attributes:
         mask: bool ``[N,H,W]``, the binary evidence.
-        soft_mask: float ``[N,H,W]`` in [0,1], the U-Net's mask (sigmoid of ``ranking``; it
+        soft_mask: float ``[N,H,W]`` in [0,1], the U-Net's mask (sigmoid of ``mask_logits``; it
             saturates, so ties at 1 are common).
-        ranking: float ``[N,H,W]``, the U-Net's mask logits: the order in which pixels are kept
+        mask_logits: float ``[N,H,W]``, the U-Net's mask logits (once ``ranking``): the order in which pixels are kept
             (the candidates, a* and the evidence curve are its top-a level sets).
         evidence: float ``[N,C,H,W]`` = mask*x + (1-mask)*baseline.
         label: long ``[N]``, the explained class.
         prob_input, prob_evidence: float ``[N]``, softmax p(label) on x and on the evidence.
-        kept: bool ``[N]``, argmax f(evidence) == label on the blank baseline (checked, never
+        kept_on_baseline: bool ``[N]``, argmax f(evidence) == label on the blank baseline (once ``kept``; checked, never
             assumed; vacuous where the blank alone gives the label: see ``sufficient``).
         area: float ``[N]``, the fraction of pixels in the mask.
         steps: long ``[N]``, fit steps taken.
@@ -39,7 +46,7 @@ class Explanation:
             test (the leakage control; ``ok`` needs it <= ``random_bound``); random_draws: long
             ``[N]``, how many were drawn (``checks="adaptive"`` stops once the verdict is settled,
             and draws none, NaN rate, where the side did not pass: the status is decided without it).
-        checks: "adaptive" or "full" (``MedCAMConfig.checks``); check_passes: long ``[N]``, the
+        checks: "adaptive" or "full" (``MedCAMConfig.checks.mode``); check_passes: long ``[N]``, the
             classifier passes the sufficient side's checks spent per image (necessary_check_passes:
             the necessary side's; the ranking and the fills not included).
         shape_keeps_label: bool ``[N]``, the mask's outline alone (no content of x) gives the label.
@@ -49,7 +56,7 @@ class Explanation:
         certified_fills: per image, the fills that counted.
         necessary_*: the necessary side (``config.necessary``; None or [] when it is off): the
             smallest region whose removal loses the call under every certified fill.
-            necessary_mask bool ``[N,H,W]``; necessary_ranking ``[N,H,W]`` its logits;
+            necessary_mask bool ``[N,H,W]``; necessary_logits ``[N,H,W]`` its logits (once ``necessary_ranking``);
             necessary_area, necessary_prob_removed (highest p(label) with it removed),
             necessary_random_pass (share of random regions of its area whose removal loses the
             call too; necessary_random_draws of them), necessary_a_star ``[N]``; necessary_flipped bool ``[N]``;
@@ -66,7 +73,7 @@ class Explanation:
     label: torch.Tensor
     prob_input: torch.Tensor
     prob_evidence: torch.Tensor
-    kept: torch.Tensor
+    kept_on_baseline: torch.Tensor
     area: torch.Tensor
     steps: torch.Tensor
     seconds: float
@@ -88,10 +95,10 @@ class Explanation:
     curve_areas: tuple[float, ...] = ()
     evidence_curve: torch.Tensor | None = None
     certified_fills: list[str] = field(default_factory=list)
-    ranking: torch.Tensor | None = None
+    mask_logits: torch.Tensor | None = None
     source: str = "fit"
     necessary_mask: torch.Tensor | None = None
-    necessary_ranking: torch.Tensor | None = None
+    necessary_logits: torch.Tensor | None = None
     necessary_area: torch.Tensor | None = None
     necessary_flipped: torch.Tensor | None = None
     necessary_prob_removed: torch.Tensor | None = None
@@ -108,6 +115,11 @@ class Explanation:
     random_draws: torch.Tensor | None = None
     necessary_check_passes: torch.Tensor | None = None
     necessary_random_draws: torch.Tensor | None = None
+
+    # the old names, for one release
+    ranking = property(lambda self: _renamed(self, "ranking", "mask_logits"))
+    necessary_ranking = property(lambda self: _renamed(self, "necessary_ranking", "necessary_logits"))
+    kept = property(lambda self: _renamed(self, "kept", "kept_on_baseline"))
 
     @property
     def two_sided(self) -> bool:
@@ -191,7 +203,7 @@ class Explanation:
                 "class_name": class_names[lab] if class_names else str(lab),
                 "prob_input": float(self.prob_input[i]),
                 "prob_evidence": float(self.prob_evidence[i]),
-                "kept": bool(self.kept[i]),
+                "kept_on_baseline": bool(self.kept_on_baseline[i]),
                 "kept_robust": float(self.kept_robust[i]),
                 "area": float(self.area[i]),
                 "prob_null": float(self.prob_null[i]),

@@ -3,7 +3,7 @@ within a short window are fitted in one batched call of the same :class:`Explain
 caller gets its own result through a ``Future``.
 
 Batching pays on a CPU as on a GPU: one step over N stacked U-Nets and one classifier pass over
-N images cost less than N steps of one (README "Speed"). A batch holds requests with the same
+N images cost less than N steps of one (docs/speed.md, "Fit-step speed"). A batch holds requests with the same
 image shape, seed and kind of target (top-1 or given), so it is exactly the direct call
 ``explainer(stack(xs), target, seed)``; its result is split per request.
 """

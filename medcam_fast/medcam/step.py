@@ -23,15 +23,15 @@ def straight_through(mask_logits: torch.Tensor, cfg: MedCAMConfig,
     """(soft, m): the mask the classifier sees at this point of the fit.
 
     m's forward value is binary: soft > ``threshold``, a per-pixel field ``[1,1,H,W]`` of this step
-    (the stochastic schedule, :meth:`BackgroundSampler.thresholds`), or ``cfg.threshold`` when
+    (the stochastic schedule, :meth:`BackgroundSampler.thresholds`), or ``cfg.fit.threshold`` when
     None. Its gradient is the soft mask's (``st_slope=0``, as the authors) or a constant
     d m / d logit = ``st_slope``, which stays alive where the sigmoid saturates.
     """
-    soft = torch.sigmoid(mask_logits / cfg.mask_temperature)
-    hard = (soft > (cfg.threshold if threshold is None else threshold)).to(soft.dtype)
+    soft = torch.sigmoid(mask_logits / cfg.fit.mask_temperature)
+    hard = (soft > (cfg.fit.threshold if threshold is None else threshold)).to(soft.dtype)
     # (g - g.detach()) is exactly 0 in the forward pass, so m is exactly 0/1 there;
     # hard + g - g.detach() would round to 1 ulp off 0/1
-    g = mask_logits * (cfg.st_slope / cfg.mask_temperature) if cfg.st_slope > 0 else soft
+    g = mask_logits * (cfg.fit.st_slope / cfg.fit.mask_temperature) if cfg.fit.st_slope > 0 else soft
     return soft, (g - g.detach()) + hard
 
 
@@ -41,11 +41,11 @@ def resolve_compile(cfg: MedCAMConfig, device) -> bool:
 
 
 def resolve_finished(cfg: MedCAMConfig, compiled: bool) -> str:
-    """How finished images leave the fit: ``cfg.finished`` "drop" (the batch shrinks: less work) or
+    """How finished images leave the fit: ``cfg.fit.finished`` "drop" (the batch shrinks: less work) or
     "mask" (static shapes: a compiled or captured step is reused); None = "mask" when compiled
-    (a new shape would recompile), else "drop" (measured faster in eager, README "Speed")."""
-    if cfg.finished is not None:
-        return cfg.finished
+    (a new shape would recompile), else "drop" (measured faster in eager, docs/speed.md, "Fit-step speed")."""
+    if cfg.fit.finished is not None:
+        return cfg.fit.finished
     return "mask" if compiled else "drop"
 
 
@@ -58,7 +58,7 @@ class FitStep:
         unet: the :class:`StackedUNet` (its structure; the parameters come in per call).
         cfg: the config; its values are constants of the step.
         loss_fn: ``fast_loss``'s signature (passed in to keep one definition of the loss).
-        compiled: wrap the step in ``torch.compile(fullgraph=True)`` (``cfg.compile_mode``).
+        compiled: wrap the step in ``torch.compile(fullgraph=True)`` (``cfg.fit.compile_mode``).
     """
 
     def __init__(self, clf, unet: StackedUNet, cfg: MedCAMConfig, loss_fn, metrics, compiled: bool = False):
@@ -67,7 +67,7 @@ class FitStep:
         self._fn = self.functional
         if compiled:
             torch._dynamo.config.trace_autograd_ops = True   # torch.autograd.grad inside the graph
-            mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+            mode = None if cfg.fit.compile_mode == "default" else cfg.fit.compile_mode
             self._fn = torch.compile(self.functional, fullgraph=True, dynamic=False, mode=mode)
 
     def functional(self, flat, m, v, t, lr, x, label, targets, thresholds, backgrounds, active, base=None):

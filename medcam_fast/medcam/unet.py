@@ -21,10 +21,10 @@ def _conv_params(gen, g, cin, cout, k, device, dtype, std=None, bias=0.0):
 
 
 def resolve_channels_last(cfg, device) -> bool:
-    """``cfg.channels_last`` True/False, or None: on CPU (oneDNN's layout; 1.5-1.7x faster
+    """``cfg.fit.channels_last`` True/False, or None: on CPU (oneDNN's layout; 1.5-1.7x faster
     convolutions measured on the demo classifier and the U-Net), off elsewhere."""
-    if cfg.channels_last is not None:
-        return bool(cfg.channels_last)
+    if cfg.fit.channels_last is not None:
+        return bool(cfg.fit.channels_last)
     return torch.device(device if device is not None else "cpu").type == "cpu"
 
 
@@ -110,11 +110,11 @@ class StackedUNet:
     def from_config(cls, cfg, groups: int, in_chans: int, seed: int = 0, device=None,
                     dtype=torch.float32, size: tuple[int, int] | None = None) -> "StackedUNet":
         """The U-Net stack that ``cfg`` (a :class:`MedCAMConfig`) describes, for images of ``size``
-        (needed when ``cfg.unet_scale`` is 0, "auto")."""
-        scale = cfg.unet_scale or auto_scale(size)
-        return cls(groups, in_chans, widths=cfg.unet_widths, scale=scale, init_bias=cfg.init_bias,
-                   logit_bound=cfg.logit_bound, standardise=cfg.standardise, batching=cfg.unet_batching,
-                   upsample=cfg.unet_upsample, std_floor=cfg.std_floor,
+        (needed when ``cfg.fit.unet_scale`` is 0, "auto")."""
+        scale = cfg.fit.unet_scale or auto_scale(size)
+        return cls(groups, in_chans, widths=cfg.fit.unet_widths, scale=scale, init_bias=cfg.fit.init_bias,
+                   logit_bound=cfg.fit.logit_bound, standardise=cfg.fit.standardise, batching=cfg.fit.unet_batching,
+                   upsample=cfg.fit.unet_upsample, std_floor=cfg.fit.std_floor,
                    channels_last=resolve_channels_last(cfg, device), seed=seed, device=device, dtype=dtype)
 
     @property

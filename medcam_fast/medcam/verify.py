@@ -101,14 +101,14 @@ def choose(masks, names, meets: torch.Tensor, score: torch.Tensor, testable: tor
         score: ``[N,M]`` worst-case margin under the fills (the fallback's order).
         testable: bool ``[N]``: at least one fill counts (else nothing can be shown).
 
-    With ``cfg.minimal_search``: the smallest candidate that meets the test, preferring areas in
+    With ``cfg.checks.minimal_search``: the smallest candidate that meets the test, preferring areas in
     [min_area, max_area] (a degenerate one only when nothing else does). Without it: the threshold
-    mask, or with ``cfg.repair`` the smallest meeting candidate at least as large. Untestable
+    mask, or with ``cfg.checks.repair`` the smallest meeting candidate at least as large. Untestable
     images keep the threshold mask. With nothing meeting the test: the candidate of highest score.
     """
     n = masks.shape[0]
     area = masks.flatten(2).float().mean(2)                             # [N,M]
-    sane = (area >= cfg.min_area) & (area <= cfg.max_area)
+    sane = (area >= cfg.checks.min_area) & (area <= cfg.checks.max_area)
     chosen, notes = [], []
     for i in range(n):
         a, s = area[i], meets[i]
@@ -116,16 +116,16 @@ def choose(masks, names, meets: torch.Tensor, score: torch.Tensor, testable: tor
             chosen.append(0)
             notes.append("threshold mask (no fill is certified: nothing can be shown)")
             continue
-        if s[0] and not cfg.minimal_search:
+        if s[0] and not cfg.checks.minimal_search:
             chosen.append(0)
             notes.append("threshold mask meets the test")
             continue
-        allowed = s.clone() if cfg.minimal_search else (s & (a >= a[0]) if cfg.repair else torch.zeros_like(s))
-        if cfg.minimal_search and (allowed & sane[i]).any():
+        allowed = s.clone() if cfg.checks.minimal_search else (s & (a >= a[0]) if cfg.checks.repair else torch.zeros_like(s))
+        if cfg.checks.minimal_search and (allowed & sane[i]).any():
             allowed &= sane[i]
         if allowed.any():
             chosen.append(int(torch.where(allowed, a, torch.full_like(a, 2.0)).argmin()))
-            notes.append("smallest meeting the test" if cfg.minimal_search else "repaired: smallest larger meeting the test")
+            notes.append("smallest meeting the test" if cfg.checks.minimal_search else "repaired: smallest larger meeting the test")
             continue
         sc = torch.nan_to_num(score[i], nan=-1e9)
         chosen.append(int(torch.where(sc == sc.max(), a, torch.full_like(a, 2.0)).argmin()))
@@ -169,15 +169,15 @@ def side_status(side: str, passes: bool, testable: bool, random_pass: float, are
     if side not in _SIDE_WORDS:
         raise ValueError(f"side must be one of {tuple(_SIDE_WORDS)}, got {side!r}")
     failed, failed_why, null_why, random_why, ok_why = _SIDE_WORDS[side]
-    words = dict(certified=certified, fills_alone=fills_alone, rate=random_pass, bound=cfg.random_bound)
+    words = dict(certified=certified, fills_alone=fills_alone, rate=random_pass, bound=cfg.checks.random_bound)
     if not testable:
         return "null_keeps_label", null_why.format(**words)
     if not passes:
         return failed, failed_why.format(**words)
-    if not random_pass <= cfg.random_bound:
+    if not random_pass <= cfg.checks.random_bound:
         return "not_informative", random_why.format(**words)
-    if area < cfg.min_area or area > cfg.max_area:
-        return "not_minimal", f"degenerate area {area:.1%} (outside {cfg.min_area:.1%}-{cfg.max_area:.0%})"
+    if area < cfg.checks.min_area or area > cfg.checks.max_area:
+        return "not_minimal", f"degenerate area {area:.1%} (outside {cfg.checks.min_area:.1%}-{cfg.checks.max_area:.0%})"
     return "ok", ok_why.format(**words)
 
 

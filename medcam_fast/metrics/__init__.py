@@ -6,7 +6,8 @@ as ``forward``: any callable mapping ``[B,C,H,W]`` images to ``[B,K]`` logits (r
 """
 from .curves import CurveResult, deletion, gaussian_blur, insertion
 from .decision import confidence_change, connected_components, decision_kept, kept_rate, mask_area
-from .localisation import binarise, dice, hit_rate, iou, normalise, pointing_game, tune_threshold
+from .localisation import (binarise, dice, hit_rate, iou, normalise, pointing_game, precision_at_gt_area,
+                           tune_threshold)
 from .road import ROADResult, noisy_linear_impute, road, road_masks
 from .sanity import cascading_randomisation, default_stages, spearman
 from .topk import pixel_count, top_k_mask
@@ -15,6 +16,6 @@ __all__ = [
     "CurveResult", "ROADResult",
     "binarise", "cascading_randomisation", "confidence_change", "connected_components", "decision_kept",
     "default_stages", "deletion", "dice", "gaussian_blur", "hit_rate", "insertion", "iou", "kept_rate",
-    "mask_area", "noisy_linear_impute", "normalise", "pixel_count", "pointing_game", "road", "road_masks",
+    "mask_area", "noisy_linear_impute", "normalise", "pixel_count", "pointing_game", "precision_at_gt_area", "road", "road_masks",
     "spearman", "top_k_mask", "tune_threshold",
 ]

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import check_maps
+from .topk import top_k_mask
 
 TIES = ("first", "any", "all")
 # CheXlocalize's tune_heatmap_threshold.py: np.arange(0.2, .8, .1)
@@ -214,3 +215,12 @@ def tune_threshold(saliency_val: Tensor, gt_val: Tensor, candidates=DEFAULT_CAND
         if miou > best_miou:
             best, best_miou = c, miou
     return best
+
+
+def precision_at_gt_area(saliency: Tensor, gt: Tensor) -> Tensor:
+    """``[N]``: the share of the map's top pixels at the ground truth's own area that lie on it
+    (NaN where the ground truth is empty)."""
+    area = gt.flatten(1).float().mean(1)
+    top = top_k_mask(saliency.float(), area.double())
+    hit = (top & gt).flatten(1).sum(1).float()
+    return torch.where(area > 0, hit / top.flatten(1).sum(1).float().clamp(min=1), torch.full_like(area, float("nan")))

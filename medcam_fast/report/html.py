@@ -62,7 +62,7 @@ def _rel(path, out_dir: Path) -> str:
 
 
 def _row_class(row: dict) -> str:
-    if not row.get("kept", True):
+    if not row.get("kept_on_baseline", True):
         return "bad"
     return "warn" if row.get("status", "ok") != "ok" else ""
 

@@ -99,7 +99,7 @@ def panel_title(row: dict, title: str = "") -> str:
     line1 = (f"{head}explained class: {cls} [{row.get('label', '?')}]{truth}   "
              f"p(label|x) = {_fmt(row.get('prob_input'))}   p(label|evidence) = {_fmt(row.get('prob_evidence'))}")
     a_star = row.get("a_star")
-    line2 = (f"kept: {_fmt(row.get('kept'))}   sufficient: {_fmt(row.get('sufficient'))}   "
+    line2 = (f"kept: {_fmt(row.get('kept_on_baseline'))}   sufficient: {_fmt(row.get('sufficient'))}   "
              f"area: {_fmt(100 * row['area'] if isinstance(row.get('area'), float) else None, '.1f')}%   "
              f"a*: {_fmt(100 * a_star if isinstance(a_star, float) else None, '.1f')}%   "
              f"random_pass: {_fmt(row.get('random_pass'), '.2f')}   "

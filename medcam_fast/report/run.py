@@ -113,7 +113,7 @@ def explain_to_report(loaded, items, failures, out_dir, config, device, seed: in
     failures, notes = list(failures), list(notes or [])
     given_notes = len(notes)
     pre = loaded.preprocess
-    cfg = config.replace(layers=loaded.layers) if loaded.layers else config
+    cfg = config.replace(fit=dict(layers=loaded.layers)) if loaded.layers else config
     bar = _Progress(total=len(items))
 
     bar.stage("read")

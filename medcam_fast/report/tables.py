@@ -14,7 +14,7 @@ SUMMARY_COLUMNS = [("name", "name"), ("class_name", "class"), ("prob_input", "p(
                    ("necessary_status", "necessary"), ("necessary_area", "nec_area"),
                    ("necessary_random_pass", "nec_random"), ("seconds", "seconds")]
 REPORT_COLUMNS = [("name", "name"), ("label", "label"), ("class_name", "class name"),
-                  ("prob_input", "p(label | x)"), ("prob_evidence", "p(label | evidence)"), ("kept", "kept"),
+                  ("prob_input", "p(label | x)"), ("prob_evidence", "p(label | evidence)"), ("kept_on_baseline", "kept on baseline"),
                   ("sufficient", "sufficient"), ("area", "area"), ("a_star", "a*"), ("random_pass", "random_pass"),
                   ("flipped_when_removed", "flipped when removed"), ("certified_fills", "certified fills"),
                   ("prob_null", "p(label | blank)"), ("null_keeps_label", "null_keeps_label"),

@@ -60,7 +60,7 @@ def build_model(spec: dict) -> torch.nn.Module:
     return model
 
 
-def card_markdown(card: dict) -> str:
+def classifier_card_markdown(card: dict) -> str:
     """A human-readable model card from a card dict (what train_classifier.py writes)."""
     m, d, t = card["model"], card["dataset"], card["training"]
     test, val = card["metrics"]["test"], card["metrics"]["val"]
