@@ -49,7 +49,8 @@ def compare(model, x: torch.Tensor, seed: int = 0) -> dict:
         label = ref.label
         logits_x = model(x)
         fills = sufficiency.certify(model, x, label, cfg.fills, cfg.baseline, cfg.checks.certify_margin, cfg.max_batch)
-        need = sufficiency.required_margin(sufficiency.margins(logits_x, label), cfg.checks.keep_margin, cfg.checks.keep_share)
+        need = sufficiency.required_margin(sufficiency.margins(logits_x, label), cfg.checks.keep_margin,
+                                           cfg.checks.keep_share)
         for checks in ("full", "adaptive"):
             e = Explainer(model, cfg.replace(checks=dict(mode=checks)), forward=model)
             t = time.perf_counter()

@@ -3,4 +3,5 @@ from ._ext import build_info
 from ._version import __version__
 from .medcam import Explainer, ExplainerService, Explanation, MedCAMConfig, explain, paper_config, reference_config
 
-__all__ = ["Explainer", "ExplainerService", "Explanation", "MedCAMConfig", "build_info", "explain", "paper_config", "reference_config", "__version__"]
+__all__ = ["Explainer", "ExplainerService", "Explanation", "MedCAMConfig", "build_info", "explain", "paper_config",
+           "reference_config", "__version__"]

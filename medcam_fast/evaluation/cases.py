@@ -141,7 +141,8 @@ def oracle_facts(forward, x: torch.Tensor, call: torch.Tensor, gt: torch.Tensor,
     logits = batched_logits(forward, x, batch_size)
     fills = sufficiency.certify(forward, x, call, cfg.fills, cfg.baseline, cfg.checks.certify_margin, batch_size)
     use = sufficiency.counted(fills)
-    need = sufficiency.required_margin(sufficiency.margins(logits, call), cfg.checks.keep_margin, cfg.checks.keep_share)
+    need = sufficiency.required_margin(sufficiency.margins(logits, call), cfg.checks.keep_margin,
+                                       cfg.checks.keep_share)
     masks = gt.bool()[:, None]
     kept = sufficiency.run_side(forward, x, call, masks, fills, "preservation", batch_size)
     removed = sufficiency.run_side(forward, x, call, masks, fills, "deletion", batch_size)

@@ -6,5 +6,5 @@ from .explainer import Explainer, explain
 from .result import Explanation
 from .service import ExplainerService
 
-__all__ = ["sufficiency", "Explainer", "ExplainerService", "Explanation", "MedCAMConfig", "explain", "plain_config", "paper_config", "reference_config",
-           "FitConfig", "PriorConfig", "CheckConfig"]
+__all__ = ["sufficiency", "Explainer", "ExplainerService", "Explanation", "MedCAMConfig", "FitConfig", "PriorConfig",
+           "CheckConfig", "explain", "plain_config", "paper_config", "reference_config"]

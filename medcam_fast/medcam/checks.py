@@ -168,7 +168,8 @@ def _random_control(img: _Image, area: float, side: str, need: float, cfg, seed:
     :func:`.sufficiency.random_blob_scores`) kept or removed like the mask, drawn in the fewest
     that could settle the verdict. Returns (rate, draws)."""
     size = tuple(img.x.shape[-2:])
-    blobs = sufficiency.random_blob_masks(torch.tensor([area]), cfg.checks.n_random, size, seed, scores)[0].to(img.x.device)
+    blobs = sufficiency.random_blob_masks(torch.tensor([area]), cfg.checks.n_random, size, seed, scores)[0]
+    blobs = blobs.to(img.x.device)
     k, bound = cfg.checks.n_random, cfg.checks.random_bound
     allowed = math.floor(bound * k + 1e-9)
     passes = drawn = 0

@@ -230,7 +230,8 @@ class Explainer:
         their logits are a constant below the threshold (an empty mask) and their steps 0."""
         cfg, n = self.config, x.shape[0]
         rows = None
-        if cfg.checks.skip_untestable and self.mode == "fast" and not cfg.checks.mask_fills and cfg.fit.background != "counterfactual":
+        if (cfg.checks.skip_untestable and self.mode == "fast" and not cfg.checks.mask_fills
+                and cfg.fit.background != "counterfactual"):
             testable = fills.certified.any(1)
             rows = None if bool(testable.all()) else testable.nonzero().flatten()
         if rows is None:

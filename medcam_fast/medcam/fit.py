@@ -58,7 +58,8 @@ def prior_loss(mask_logits: torch.Tensor, cfg: MedCAMConfig) -> torch.Tensor:
         pri = ops.mask_priors((lin - lin.detach()) + soft.detach(), diagonal=cfg.priors.tv_diagonal)
     else:
         pri = losses.mask_priors(mask_logits, cfg.fit.mask_temperature, cfg.priors.tv_diagonal)
-    return cfg.priors.lambda_min * (cfg.priors.area_weight * pri[:, 0] + cfg.priors.bin * pri[:, 1] + cfg.priors.tv * pri[:, 2])
+    p = cfg.priors
+    return p.lambda_min * (p.area_weight * pri[:, 0] + p.bin * pri[:, 1] + p.tv * pri[:, 2])
 
 
 def fast_loss(clf, x, label, m, mask_logits, backgrounds, targets, cfg: MedCAMConfig, metrics):
@@ -94,7 +95,8 @@ def fast_loss(clf, x, label, m, mask_logits, backgrounds, targets, cfg: MedCAMCo
         ce_e = losses.label_ce(out_e, label, cfg.fit.ce_temperature)
         ce_r = losses.label_ce(out_r, label_r, cfg.fit.ce_temperature)
     ce_r = ce_r.view(k, n).mean(0)
-    keep = cfg.fit.act * am + cfg.fit.kl * losses.kl_to_input(out_e, target_logits, cfg.fit.kl_temperature) + cfg.fit.ce * ce_e
+    kl = losses.kl_to_input(out_e, target_logits, cfg.fit.kl_temperature)
+    keep = cfg.fit.act * am + cfg.fit.kl * kl + cfg.fit.ce * ce_e
     loss = prior_loss(mask_logits, cfg)
     held = torch.ones(n, dtype=torch.bool, device=x.device)
     if preserve:
@@ -243,7 +245,8 @@ def fit_paper(clf, x, label, cfg: MedCAMConfig, seed: int) -> FitResult:
             for r in _reference_backgrounds(xi, gen):
                 logits_r = clf.forward(hard * xi + (1 - hard) * r)
                 robust = robust + losses.kl_to_input(logits_r, tgt_logits, cfg.fit.kl_temperature)
-            loss = cfg.fit.lambda_am * keep + cfg.priors.lambda_min * minimal + cfg.fit.lambda_rob * cfg.fit.rob * robust
+            loss = (cfg.fit.lambda_am * keep + cfg.priors.lambda_min * minimal
+                    + cfg.fit.lambda_rob * cfg.fit.rob * robust)
             loss.sum().backward()
             opt.step()
         with torch.no_grad():
