@@ -49,6 +49,10 @@ def test_old_flat_names_work_with_a_warning(old, value, path):
     if old != "checks":   # cfg.checks is the group now
         with pytest.warns(MedCAMDeprecationWarning, match=f"MedCAMConfig.{old}"):
             assert getattr(cfg, old) == value
+    assigned = MedCAMConfig()
+    with pytest.warns(MedCAMDeprecationWarning, match=f"MedCAMConfig.{old} = "):
+        setattr(assigned, old, value)                   # lands in the group, not in a new unread attribute
+    assert assigned == cfg and (old == "checks" or old not in vars(assigned))   # checks: the group itself
     with pytest.warns(MedCAMDeprecationWarning, match="robust_threshold"):
         assert MedCAMConfig(robust_threshold=0.9) == MedCAMConfig()
 

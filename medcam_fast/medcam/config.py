@@ -175,6 +175,14 @@ class MedCAMConfig:
             return getattr(self.__dict__[group], new)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    def __setattr__(self, name, value):    # an old flat name would otherwise become a new, unread attribute
+        if name in FLAT_NAMES and not (name in GROUPS and not isinstance(value, str)):
+            group, new = FLAT_NAMES[name]
+            warn_renamed(f"MedCAMConfig.{name} = ...", f"cfg.replace({group}={{'{new}': ...}})")
+            object.__setattr__(self, group, getattr(self, group).replace(**{new: value}))
+            return
+        object.__setattr__(self, name, value)
+
     def validate(self) -> "MedCAMConfig":
         """Raises ValueError on an inconsistent setting; returns self."""
         validate_config(self)
