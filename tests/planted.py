@@ -40,24 +40,32 @@ def tiny_cnn() -> nn.Module:
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2))
 
 
-@functools.lru_cache(maxsize=None)
-def tiny_cnn_state(seed: int = 0, n: int = 1024, epochs: int = 4) -> dict:
-    """The weights of :func:`tiny_cnn` trained on :func:`make_planted`: trained once per test
-    session (per process) and per arguments; the global RNG is left as it was."""
+def _train(seed: int, data, epochs: int, inputs=None) -> dict:
+    """The weights of :func:`tiny_cnn` trained on ``data()`` -> (x, y) for ``epochs``, each batch
+    passed through ``inputs()`` (a transform made after the data, or none); the global RNG is
+    left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = tiny_cnn()
-        x, y, _ = make_planted(n, seed=seed + 100)
+        x, y = data()
+        transform = inputs() if inputs is not None else (lambda xb: xb)
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
         for _ in range(epochs):
-            perm = torch.randperm(n)
-            for i in range(0, n, 64):
+            perm = torch.randperm(x.shape[0])
+            for i in range(0, x.shape[0], 64):
                 idx = perm[i:i + 64]
-                loss = F.cross_entropy(model(x[idx]), y[idx])
+                loss = F.cross_entropy(model(transform(x[idx])), y[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_cnn_state(seed: int = 0, n: int = 1024, epochs: int = 4) -> dict:
+    """The weights of :func:`tiny_cnn` trained on :func:`make_planted`: trained once per test
+    session (per process) and per arguments."""
+    return _train(seed, lambda: make_planted(n, seed=seed + 100)[:2], epochs)
 
 
 def train_tiny_cnn(seed: int = 0, n: int = 1024, epochs: int = 4) -> nn.Module:
@@ -104,21 +112,11 @@ def make_tagged(n: int, size: int = 64, seed: int = 0):
 def _tag_cnn_state(seed: int, n: int, epochs: int) -> dict:
     from medcam_fast.evaluation.masking import RandomMasking
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = tiny_cnn()
-        x, y = make_tagged(n, seed=seed + 200)
+    def masked():
         masking, g = RandomMasking(p=0.5), torch.Generator().manual_seed(seed)
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        for _ in range(epochs):
-            perm = torch.randperm(n)
-            for i in range(0, n, 64):
-                idx = perm[i:i + 64]
-                loss = F.cross_entropy(model(masking(x[idx], g)), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return lambda xb: masking(xb, g)
+
+    return _train(seed, lambda: make_tagged(n, seed=seed + 200), epochs, masked)
 
 
 def train_tag_cnn(seed: int = 0, n: int = 1024, epochs: int = 8) -> nn.Module:
